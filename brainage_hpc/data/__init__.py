@@ -1,0 +1,1 @@
+"""Data: HCP discovery, synthetic cohort, preprocessing, shards, splits, datasets."""
