@@ -1,0 +1,527 @@
+"""``brainage preprocess``: HCP subject folders -> verified HDF5 shards, manifest and splits.
+
+One run does four things:
+
+1. plan: discover subjects, join the CSVs, make (or import) the splits, fit
+   histogram landmarks on the training split if asked, assign subjects to shards
+   in ID order (``--shard-size`` each) and write ``plan.json``;
+2. process the selected shards with a process pool, skipping shards whose
+   sidecar ``shard-XXXXX.json`` records the sha256 of the file on disk;
+3. write each shard atomically, then its sidecar, so ``kill -9`` loses at most
+   the shard being written and a rerun produces byte-identical files;
+4. merge the sidecars into ``manifest.json`` and ``failures.csv`` (a full run
+   does it itself; after a SLURM array run ``brainage preprocess --merge``).
+
+Slices (``--subjects-from/--subjects-to`` or ``SLURM_ARRAY_TASK_ID``) select
+whole shards (those whose first subject is in the slice), so parallel array
+tasks never write the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["add_arguments", "merge_shards", "run"]
+
+logger = logging.getLogger("brainage_hpc.preprocess")
+PLAN_NAME = "plan.json"
+_MAX_LANDMARK_SUBJECTS = 200
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hcp-root", help="folder of <subject>/T1w/T1w_acpc_dc_restore_brain.nii.gz (+ CSVs)")
+    parser.add_argument("--out", required=True, help="output folder for shards, manifest.json, failures.csv")
+    parser.add_argument("--unrestricted", help="unrestricted CSV (default: unrestricted*.csv in --hcp-root)")
+    parser.add_argument(
+        "--restricted",
+        help="restricted CSV with Age_in_Yrs, Family_ID (default: restricted*.csv in --hcp-root, optional)",
+    )
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"), default=[128, 128, 128])
+    parser.add_argument("--voxel-mm", type=float, default=1.0, help="isotropic output voxel size in mm (default 1.0)")
+    parser.add_argument(
+        "--intensity", default="zscore", help="zscore (default) | histogram (landmarks fitted on train)"
+    )
+    parser.add_argument("--crop-margin-mm", type=float, default=2.0, help="margin around the brain bounding box")
+    parser.add_argument("--shard-size", type=int, default=32, help="subjects per shard (default 32)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--compression", default="none", choices=["none", "lzf", "gzip"])
+    parser.add_argument(
+        "--subjects-from", type=int, default=None, help="slice start (index into the sorted usable subjects)"
+    )
+    parser.add_argument("--subjects-to", type=int, default=None, help="slice end (exclusive)")
+    parser.add_argument(
+        "--shards-per-task", type=int, default=1, help="with SLURM_ARRAY_TASK_ID: shards per array task"
+    )
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument(
+        "--split-fractions", type=float, nargs=3, default=[0.7, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST")
+    )
+    parser.add_argument("--seed-splits", help="folder with the seed's train.npy/val.npy/test.npy to use instead")
+    parser.add_argument(
+        "--max-fail-fraction", type=float, default=0.1, help="exit 1 if more subjects failed (default 0.1)"
+    )
+    parser.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="write plan.json (subjects, splits, histogram landmarks) and stop; array tasks reuse it",
+    )
+    parser.add_argument("--merge", action="store_true", help="only merge finished shards into manifest.json")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _fail(message: str) -> int:
+    print(f"brainage preprocess: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from brainage_hpc.data.hcp import HCPError
+    from brainage_hpc.data.preprocess import PreprocessConfig
+
+    out = Path(args.out)
+    if not 0 <= args.max_fail_fraction <= 1:
+        return _fail(f"--max-fail-fraction must be in [0, 1], got {args.max_fail_fraction}")
+    if args.merge:
+        try:
+            return merge_shards(out, args.max_fail_fraction)
+        except (FileNotFoundError, ValueError) as exc:
+            return _fail(str(exc))
+    if not args.hcp_root:
+        return _fail("--hcp-root is required (or pass --merge)")
+    if args.shard_size < 1 or args.workers < 1 or args.shards_per_task < 1:
+        return _fail("--shard-size, --workers and --shards-per-task must be >= 1")
+    try:
+        cfg = PreprocessConfig(
+            shape=tuple(args.shape),
+            voxel_mm=args.voxel_mm,
+            intensity=args.intensity,
+            crop_margin_mm=args.crop_margin_mm,
+        )
+        plan = _build_plan(args, cfg)
+        out.mkdir(parents=True, exist_ok=True)
+    except (HCPError, FileNotFoundError, ValueError, OSError) as exc:
+        return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    from brainage_hpc.data.shards import write_json
+
+    n_subjects, size = len(plan["subjects"]), plan["shard_size"]
+    n_shards = math.ceil(n_subjects / size)
+    with _Pool(args.workers) as pool:
+        try:
+            selected, sliced = _select_shards(args, n_subjects, n_shards, size)
+            if plan["preprocess"]["intensity"] == "histogram" and plan["preprocess"]["landmarks"] is None:
+                plan = _fit_landmarks(plan, out, pool)
+        except ValueError as exc:
+            return _fail(str(exc))
+        write_json(out / PLAN_NAME, plan)
+        if args.plan_only:
+            print(
+                f"plan: {n_subjects} subjects in {n_shards} shards, {len(plan['failures'])} failed -> {out / PLAN_NAME}"
+            )
+            return 0
+        try:
+            hashes = _process_shards(plan, out, selected, pool, progress=not args.no_progress)
+        except BrokenProcessPool:
+            print(
+                "brainage preprocess: error: a worker process died (out of memory? try fewer --workers); "
+                "rerun the same command to resume",
+                file=sys.stderr,
+            )
+            return 1
+        except OSError as exc:
+            print(f"brainage preprocess: error: writing to {out} failed ({exc}); rerun to resume", file=sys.stderr)
+            return 1
+    if sliced:
+        print(
+            f"processed shards {_ranges(selected) or 'none'} of {n_shards}; when every task is done run: "
+            f"brainage preprocess --merge --out {out}"
+        )
+        return 0
+    return merge_shards(out, args.max_fail_fraction, known_hashes=hashes)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _build_plan(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+    from brainage_hpc.data.hcp import discover_subjects
+    from brainage_hpc.data.splits import import_seed_splits, make_splits
+
+    cohort = discover_subjects(args.hcp_root, args.unrestricted, args.restricted)
+    for f in cohort.failures:
+        logger.warning("skipping subject %s: %s (%s)", f.subject, f.reason, f.file)
+    records = cohort.records
+    if not records:
+        raise ValueError(
+            f"--hcp-root {args.hcp_root}: no usable subjects ({len(cohort.failures)} failed); see the warnings"
+        )
+    ids = {r.id for r in records}
+    if args.seed_splits:
+        imported = import_seed_splits(args.seed_splits)
+        splits = {k: [s for s in v if s in ids] for k, v in imported.items()}
+        unknown = sum(len(v) for v in imported.values()) - sum(len(v) for v in splits.values())
+        unassigned = len(ids - {s for v in splits.values() for s in v})
+        if unknown or unassigned:
+            logger.warning(
+                "seed splits: %d IDs not in this cohort ignored; %d subjects in no split", unknown, unassigned
+            )
+        split_info: dict[str, Any] = {"method": "imported", "source": str(Path(args.seed_splits).resolve())}
+    else:
+        splits = make_splits(records, tuple(args.split_fractions), seed=args.split_seed)
+        split_info = {
+            "method": "stratified age_bin x sex, family-aware",
+            "seed": args.split_seed,
+            "fractions": list(args.split_fractions),
+        }
+    return {
+        "format_version": 1,
+        "preprocess": cfg.to_dict(),
+        "preprocess_hash": cfg.config_hash(),
+        "shard_size": args.shard_size,
+        "compression": args.compression,
+        "subjects": [r.to_dict() for r in records],
+        "failures": [dataclasses.asdict(f) for f in cohort.failures],
+        "splits": splits,
+        "split_info": split_info,
+        "source": {
+            "hcp_root": str(Path(args.hcp_root).resolve()),
+            "unrestricted": str(cohort.unrestricted.resolve()),
+            "restricted": str(cohort.restricted.resolve()) if cohort.restricted else None,
+            "csv_rows_without_folder": cohort.n_csv_only,
+        },
+    }
+
+
+def _select_shards(args: argparse.Namespace, n_subjects: int, n_shards: int, size: int) -> tuple[list[int], bool]:
+    """Shards this invocation owns, and whether it is a slice of a larger (array) run."""
+    if args.subjects_from is not None or args.subjects_to is not None:
+        lo = args.subjects_from or 0
+        hi = n_subjects if args.subjects_to is None else args.subjects_to
+        if lo < 0 or hi < lo:
+            raise ValueError(f"--subjects-from {lo} --subjects-to {hi}: need 0 <= from <= to")
+        return [k for k in range(n_shards) if lo <= k * size < hi], True
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if task is not None:
+        if not task.isdigit():
+            raise ValueError(f"SLURM_ARRAY_TASK_ID={task!r} is not a non-negative integer")
+        first = int(task) * args.shards_per_task
+        logger.info("SLURM array task %s: shards %d..%d of %d", task, first, first + args.shards_per_task - 1, n_shards)
+        return list(range(first, min(first + args.shards_per_task, n_shards))), True
+    return list(range(n_shards)), False
+
+
+def _ranges(ks: list[int]) -> str:
+    return f"{ks[0]}..{ks[-1]}" if len(ks) > 1 else (str(ks[0]) if ks else "")
+
+
+def _plan_key(plan: dict[str, Any]) -> str:
+    p = {k: v for k, v in plan.items() if k not in ("preprocess", "preprocess_hash")}
+    p["preprocess"] = {k: v for k, v in plan["preprocess"].items() if k != "landmarks"}
+    return json.dumps(p, sort_keys=True)
+
+
+def _fit_landmarks(plan: dict[str, Any], out: Path, pool: _Pool) -> dict[str, Any]:
+    """Fit histogram landmarks on (at most 200 of) the training subjects; reuse them from plan.json if it matches."""
+    from brainage_hpc.data.preprocess import PreprocessConfig, landmarks_from_percentiles
+
+    old_path = out / PLAN_NAME
+    if old_path.is_file():
+        try:
+            old = json.loads(old_path.read_text())
+            if old["preprocess"].get("landmarks") and _plan_key(old) == _plan_key(plan):
+                logger.info("reusing histogram landmarks from %s", old_path)
+                return old
+        except (ValueError, KeyError, TypeError):
+            pass
+    train = set(plan["splits"].get("train", []))
+    recs = [r for r in plan["subjects"] if r["id"] in train]
+    if not recs:
+        raise ValueError("--intensity histogram needs a non-empty 'train' split to fit landmarks on")
+    step = max(1, math.ceil(len(recs) / _MAX_LANDMARK_SUBJECTS))
+    recs = recs[::step]
+    cfg = PreprocessConfig.from_dict(plan["preprocess"])
+    logger.info("fitting histogram landmarks on %d training subjects", len(recs))
+    pcts = [
+        p for _, p, _ in pool.map_ordered(_percentile_job, [(r["id"], r["t1w"], cfg) for r in recs]) if p is not None
+    ]
+    cfg = dataclasses.replace(cfg, landmarks=landmarks_from_percentiles(pcts))
+    return {**plan, "preprocess": cfg.to_dict(), "preprocess_hash": cfg.config_hash()}
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    import monai.transforms  # noqa: F401  (imported once per worker, not per subject)
+
+
+def _reason(exc: BaseException, path: str) -> str:
+    text = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return text[len(path) + 2 :] if text.startswith(f"{path}: ") else f"{type(exc).__name__}: {text}"
+
+
+def _preprocess_job(job: tuple[str, str, Any]) -> tuple[str, np.ndarray | None, str | None]:
+    from brainage_hpc.data.preprocess import preprocess_volume
+
+    sid, path, cfg = job
+    try:
+        return sid, preprocess_volume(path, cfg), None
+    except Exception as exc:  # noqa: BLE001  (a bad subject is a failures.csv row, never the end of the run)
+        return sid, None, _reason(exc, path)
+
+
+def _percentile_job(job: tuple[str, str, Any]) -> tuple[str, np.ndarray | None, str | None]:
+    from brainage_hpc.data.preprocess import subject_percentiles
+
+    sid, path, cfg = job
+    try:
+        return sid, subject_percentiles(path, cfg), None
+    except Exception as exc:  # noqa: BLE001
+        return sid, None, _reason(exc, path)
+
+
+class _Pool:
+    """In-order map over a bounded window of jobs: in-process for 1 worker, else a process pool."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: Any = None
+        self._threads: int | None = None
+
+    def __enter__(self) -> _Pool:
+        import torch
+
+        if self.workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            if method == "fork":
+                import monai.transforms  # noqa: F401  (import once here; forked workers inherit it)
+            ctx = multiprocessing.get_context(method)
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
+            self._executor.submit(int).result()  # start (fork) the workers now, before tqdm starts a thread
+        else:
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._threads is not None:
+            import torch
+
+            torch.set_num_threads(self._threads)
+
+    def map_ordered(self, fn: Callable[[Any], Any], jobs: Iterable[Any]) -> Iterator[Any]:
+        if self._executor is None:
+            yield from map(fn, jobs)
+            return
+        it = iter(jobs)
+        pending: deque[Any] = deque(
+            self._executor.submit(fn, j) for _, j in zip(range(2 * self.workers), it, strict=False)
+        )
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(self._executor.submit(fn, nxt))
+            yield result
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def _assigned(plan: dict[str, Any], k: int) -> list[dict[str, Any]]:
+    size = plan["shard_size"]
+    keys = ("id", "age", "age_bin", "sex", "family_id")
+    return [{key: r[key] for key in keys} for r in plan["subjects"][k * size : (k + 1) * size]]
+
+
+def _sidecar_ok(out: Path, k: int, plan: dict[str, Any], sha: str | None = None) -> bool:
+    from brainage_hpc.data.shards import read_partial, sha256_file, shard_name
+
+    rec = read_partial(out, k)
+    path = out / shard_name(k)
+    if rec is None or not path.is_file():
+        return False
+    if (rec.get("preprocess_hash"), rec.get("compression"), rec.get("assigned")) != (
+        plan["preprocess_hash"],
+        plan["compression"],
+        _assigned(plan, k),
+    ):
+        return False
+    return rec.get("sha256") == (sha if sha is not None else sha256_file(path))
+
+
+def _process_shards(
+    plan: dict[str, Any], out: Path, selected: list[int], pool: _Pool, progress: bool
+) -> dict[int, str]:
+    """Write every selected shard that is not already finished; return {shard: sha256} of those checked or written."""
+    from tqdm import tqdm
+
+    from brainage_hpc.data.preprocess import PreprocessConfig, reference_affine
+    from brainage_hpc.data.shards import MANIFEST_NAME, read_partial, shard_name, write_partial, write_shard
+
+    cfg = PreprocessConfig.from_dict(plan["preprocess"])
+    paths = {r["id"]: r["t1w"] for r in plan["subjects"]}
+    todo, hashes = [], {}
+    for k in selected:
+        if _sidecar_ok(out, k, plan):
+            hashes[k] = read_partial(out, k)["sha256"]  # type: ignore[index]
+            logger.info("%s: already done (sha256 matches), skipping", shard_name(k))
+        else:
+            (out / (shard_name(k) + ".tmp")).unlink(missing_ok=True)
+            todo.append(k)
+    if not todo:
+        return hashes
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # stale until the next merge
+    jobs = [(s["id"], paths[s["id"]], cfg) for k in todo for s in _assigned(plan, k)]
+    bar = tqdm(total=len(jobs), desc="preprocess", unit="subj", disable=None if progress else True)  # None: tty only
+    results = pool.map_ordered(_preprocess_job, jobs)
+    for k in todo:
+        vols: list[np.ndarray] = []
+        subjects: list[dict[str, Any]] = []
+        failures: list[dict[str, str]] = []
+        for rec in _assigned(plan, k):
+            sid, vol, reason = next(results)
+            bar.update()
+            if vol is None:
+                logger.warning("skipping subject %s: %s (%s)", sid, reason, paths[sid])
+                failures.append({"subject": sid, "file": paths[sid], "reason": reason})
+                continue
+            subjects.append({**rec, "index": len(vols)})
+            vols.append(vol)
+        images = np.stack(vols)[:, None] if vols else np.zeros((0, 1, *cfg.shape), dtype=np.float16)  # (N, 1, D, H, W)
+        sha = write_shard(
+            out / shard_name(k),
+            images,
+            subjects,
+            voxel_mm=cfg.voxel_mm,
+            affine=reference_affine(cfg),
+            preprocess=plan["preprocess"],
+            preprocess_hash=plan["preprocess_hash"],
+            compression=plan["compression"],
+        )
+        write_partial(
+            out,
+            k,
+            {
+                "file": shard_name(k),
+                "sha256": sha,
+                "n": len(subjects),
+                "preprocess_hash": plan["preprocess_hash"],
+                "compression": plan["compression"],
+                "assigned": _assigned(plan, k),
+                "subjects": subjects,
+                "failures": failures,
+            },
+        )
+        hashes[k] = sha
+        logger.info("%s: %d subjects, %d failed", shard_name(k), len(subjects), len(failures))
+    bar.close()
+    return hashes
+
+
+def merge_shards(out: str | Path, max_fail_fraction: float = 0.1, known_hashes: dict[int, str] | None = None) -> int:
+    """Assemble ``manifest.json`` and ``failures.csv`` from the plan and the shard sidecars.
+
+    Args:
+        out: the output folder of ``brainage preprocess``.
+        max_fail_fraction: return 1 (and write no manifest) if more subjects failed.
+        known_hashes: sha256 of shards this process just wrote or checked (not re-read).
+
+    Returns:
+        0 on success, 1 when shards are unfinished or too many subjects failed.
+
+    Raises:
+        FileNotFoundError: no ``plan.json`` in ``out``.
+    """
+    from brainage_hpc import __version__
+    from brainage_hpc.data.preprocess import PreprocessConfig, reference_affine
+    from brainage_hpc.data.shards import (
+        FAILURES_NAME,
+        FORMAT_VERSION,
+        MANIFEST_NAME,
+        read_partial,
+        write_failures,
+        write_json,
+    )
+
+    out = Path(out)
+    plan_path = out / PLAN_NAME
+    if not plan_path.is_file():
+        raise FileNotFoundError(f"{plan_path}: not found; run `brainage preprocess --hcp-root ... --out {out}` first")
+    plan = json.loads(plan_path.read_text())
+    known = known_hashes or {}
+    n_shards = math.ceil(len(plan["subjects"]) / plan["shard_size"])
+    shards, subjects, failures, missing = [], {}, list(plan["failures"]), []
+    for k in range(n_shards):
+        rec = read_partial(out, k)
+        if rec is None or not _sidecar_ok(out, k, plan, sha=known.get(k)):
+            missing.append(k)
+            continue
+        shards.append({"file": rec["file"], "sha256": rec["sha256"], "n": rec["n"]})
+        for s in rec["subjects"]:
+            subjects[s["id"]] = {key: s[key] for key in ("age", "age_bin", "sex", "family_id", "index")} | {"shard": k}
+        failures += rec["failures"]
+    if missing:
+        shown = ", ".join(str(k) for k in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        print(
+            f"brainage preprocess: error: {len(missing)} of {n_shards} shards unfinished or stale ({shown}); "
+            "rerun the preprocess (array) tasks for them, then --merge",
+            file=sys.stderr,
+        )
+        return 1
+    write_failures(out / FAILURES_NAME, failures)
+    n_total = len(subjects) + len(failures)
+    if len(failures) > max_fail_fraction * n_total:
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
+        print(
+            f"brainage preprocess: error: {len(failures)} of {n_total} subjects failed "
+            f"({len(failures) / n_total:.1%} > --max-fail-fraction {max_fail_fraction}); see {out / FAILURES_NAME}",
+            file=sys.stderr,
+        )
+        return 1
+    cfg = PreprocessConfig.from_dict(plan["preprocess"])
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "shape": list(cfg.shape),
+        "voxel_mm": cfg.voxel_mm,
+        "affine": reference_affine(cfg).tolist(),
+        "dtype": "float16",
+        "compression": plan["compression"],
+        "preprocess": plan["preprocess"],
+        "preprocess_hash": plan["preprocess_hash"],
+        "shards": shards,
+        "subjects": subjects,
+        "splits": {name: [s for s in ids if s in subjects] for name, ids in plan["splits"].items()},
+        "split_info": plan["split_info"],
+        "n_subjects": len(subjects),
+        "n_failures": len(failures),
+        "source": plan["source"],
+    }
+    write_json(out / MANIFEST_NAME, manifest)
+    print(
+        f"preprocess: {len(subjects)} subjects in {len(shards)} shards, {len(failures)} failed "
+        f"(see {FAILURES_NAME}) -> {out / MANIFEST_NAME}"
+    )
+    return 0
