@@ -54,6 +54,7 @@ class AugmentConfig:
     enabled: bool = True
     device: Literal["cpu", "gpu"] = "cpu"
     flip_prob: float = 0.5
+    flip_axes: list[int] = field(default_factory=lambda: [0])  # axes of (D, H, W); 0 is left-right in RAS
     affine_prob: float = 0.3
     rotate_deg: float = 5.0
     scale: float = 0.05
@@ -62,6 +63,8 @@ class AugmentConfig:
     intensity_shift: float = 0.1
     intensity_scale: float = 0.1
     noise_std: float = 0.05
+    intensity_prob: float = 0.5  # probability of the intensity scale/shift per volume
+    noise_prob: float = 0.5  # probability of Gaussian noise per volume
 
 
 @dataclass(frozen=True)

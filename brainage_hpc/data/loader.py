@@ -1,0 +1,273 @@
+"""The loader factory the trainer uses: one call per split and rank.
+
+Two paths yield identical batches (same keys and dtypes)::
+
+    image (B, 1, D, H, W) float32, age (B,) float32 years (NaN when unknown),
+    age_bin (B,) int64, label (B,) int64, sex (B,) float32, subject_id list[str]
+
+* DataLoader path: :class:`ShardDataset` read by ``num_workers`` processes,
+  CPU augmentation (``augment.device == "cpu"``) in the workers, batches on the
+  CPU (pinned when the device is CUDA).
+* GPU-resident path (``data.cache == "gpu"`` on a CUDA device, when the rank's
+  volumes fit with 30 % of the free memory to spare): the rank's volumes are
+  loaded once onto the device as fp16 and batches are gathered there; no CPU
+  worker is on the hot path.
+
+In both, random augmentation on the device is :attr:`LoaderBundle.device_augment`,
+which the trainer applies after moving the batch to the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from brainage_hpc.config import RunConfig
+from brainage_hpc.data.dataset import BrainSampler, ShardDataset
+from brainage_hpc.data.transforms import DeviceAugment, eval_transforms, train_transforms
+
+__all__ = ["DeviceBatches", "LoaderBundle", "build_loader", "seed_worker"]
+
+log = logging.getLogger(__name__)
+
+_MAX_SEED = 2**32
+_GPU_HEADROOM = 0.30  # keep 30 % of the free device memory for the model
+
+
+@dataclass
+class LoaderBundle:
+    """What the trainer needs for one split on one rank.
+
+    Attributes:
+        loader: iterable of batch dicts (see the module docstring).
+        sampler: the train sampler (``set_epoch``, ``state_dict``); ``None`` for eval.
+        dataset: the underlying :class:`ShardDataset`.
+        device_augment: batched augmentation to apply on the device, or ``None``.
+        num_batches: batches per full epoch on this rank. Train: equal on every
+            rank. Eval: ranks get ``rank::world_size`` exactly once, so counts may
+            differ by one batch between ranks (reduce metric *sums*, not means).
+        mode: ``"dataloader"`` or ``"gpu-resident"``.
+    """
+
+    loader: Iterable[dict[str, Any]]
+    sampler: BrainSampler | None
+    dataset: ShardDataset
+    device_augment: Callable[[dict[str, Any]], dict[str, Any]] | None
+    num_batches: int
+    mode: str = "dataloader"
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed python, numpy and the MONAI transform from ``torch.initial_seed()``."""
+    seed = torch.initial_seed() % _MAX_SEED
+    random.seed(seed)
+    np.random.seed(seed)
+    info = get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if transform is not None and hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=seed)
+
+
+def _item_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank, position]).generate_state(1)[0])
+
+
+class _SeededSampler:
+    """Yields ``(index, transform_seed)``: augmentation depends only on (seed, epoch, rank, position)."""
+
+    def __init__(self, sampler: BrainSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        s = self.sampler
+        start, epoch = s.start_position, s.epoch
+        for k, idx in enumerate(s):
+            yield idx, _item_seed(s.seed, epoch, s.rank, start + k)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _RawVolumes(Dataset):
+    """Stored fp16 volumes of ``indices`` (for filling the device cache)."""
+
+    def __init__(self, dataset: ShardDataset, indices: np.ndarray) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        vol = self.dataset.read_volume(int(self.indices[k]))
+        return vol if isinstance(vol, torch.Tensor) else torch.from_numpy(np.asarray(vol, dtype=np.float16))
+
+
+class DeviceBatches:
+    """Batches gathered from volumes held on the device, in sampler order (GPU-resident mode).
+
+    Args:
+        dataset: the split (metadata and subject ids).
+        sampler: the rank's :class:`BrainSampler`; only its indices are loaded.
+        micro_batch: per-rank batch size B; incomplete tail batches are dropped.
+        device: where the volumes live.
+        num_workers: processes that read the shards during the one-off load.
+        start_method: their multiprocessing start method (``None``: the platform default).
+    """
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        sampler: BrainSampler,
+        micro_batch: int,
+        device: torch.device,
+        num_workers: int = 0,
+        start_method: str | None = None,
+    ) -> None:
+        self.dataset, self.sampler, self.micro_batch, self.device = dataset, sampler, micro_batch, device
+        held = sampler.indices_for_rank()
+        self._pos = torch.full((len(dataset),), -1, dtype=torch.long)
+        self._pos[torch.from_numpy(held)] = torch.arange(len(held))
+        self._pos = self._pos.to(device)
+        self.images = torch.empty((len(held), 1, *dataset.shape), dtype=torch.float16, device=device)  # (N, 1, D, H, W)
+        ctx = {"multiprocessing_context": start_method} if num_workers > 0 and start_method else {}
+        reader = DataLoader(_RawVolumes(dataset, held), batch_size=4, num_workers=num_workers, **ctx)
+        t0 = time.perf_counter()
+        k = 0
+        for vols in reader:  # (b, 1, D, H, W) fp16
+            self.images[k : k + len(vols)].copy_(vols, non_blocking=False)
+            k += len(vols)
+        dataset.close()
+        log.info("loaded %d volumes onto %s in %.1f s", k, device, time.perf_counter() - t0)
+        self.age = torch.from_numpy(dataset.ages).to(device)
+        self.age_bin = torch.from_numpy(dataset.age_bins).to(device)
+        self.label = torch.from_numpy(dataset.labels).to(device)
+        self.sex = torch.from_numpy(dataset.sexes).to(device)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.micro_batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        order = list(self.sampler)
+        for b in range(len(order) // self.micro_batch):
+            idx_list = order[b * self.micro_batch : (b + 1) * self.micro_batch]
+            idx = torch.tensor(idx_list, dtype=torch.long).to(self.device, non_blocking=True)
+            yield {
+                "image": self.images.index_select(0, self._pos[idx]).float(),  # (B, 1, D, H, W)
+                "age": self.age[idx],
+                "age_bin": self.age_bin[idx],
+                "label": self.label[idx],
+                "sex": self.sex[idx],
+                "subject_id": [self.dataset.subject_ids[i] for i in idx_list],
+            }
+
+
+def _gpu_fits(n_volumes: int, volume_bytes: int, device: torch.device) -> bool:
+    need = n_volumes * volume_bytes
+    free, total = torch.cuda.mem_get_info(device)
+    ok = need <= (1.0 - _GPU_HEADROOM) * free
+    log.info(
+        "GPU-resident data: %d volumes need %.2f GiB; %s has %.1f of %.1f GiB free (keeping %d %% headroom): %s",
+        n_volumes, need / 2**30, device, free / 2**30, total / 2**30, int(_GPU_HEADROOM * 100),
+        "fits" if ok else "does not fit",
+    )
+    return ok
+
+
+def _dataloader_kwargs(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    d = cfg.data
+    kw: dict[str, Any] = {
+        "num_workers": d.num_workers,
+        "pin_memory": bool(d.pin_memory and device.type == "cuda"),
+        "worker_init_fn": seed_worker,
+    }
+    if d.num_workers > 0:
+        kw.update(
+            persistent_workers=d.persistent_workers,
+            prefetch_factor=d.prefetch_factor,
+            multiprocessing_context=d.start_method,
+        )
+    return kw
+
+
+def build_loader(
+    cfg: RunConfig, split: str, *, train: bool, micro_batch: int, rank: int, world_size: int, device: torch.device
+) -> LoaderBundle:
+    """Build the loader of ``split`` for this rank.
+
+    Args:
+        cfg: run config (``data``, ``model.task``, ``train.seed``).
+        split: split name in the manifest (``cfg.data.train_split`` / ``val_split``).
+        train: shuffle, (balanced) sampling, augmentation and ``drop_last``;
+            ``False`` gives each rank ``rank::world_size`` once, in order.
+        micro_batch: per-rank batch size B (``batch_size // world_size // grad_accum``).
+        rank: this rank, in [0, world_size).
+        world_size: number of ranks.
+        device: the rank's device; CUDA enables pinned memory and GPU-resident mode.
+
+    Returns:
+        A :class:`LoaderBundle`.
+    """
+    d = cfg.data
+    if not d.shards:
+        raise ValueError("data.shards is empty: set it to the folder written by `brainage preprocess`")
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch={micro_batch} must be >= 1")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+    device = torch.device(device)
+    aug = d.augment
+    use_aug = train and aug.enabled
+    dataset = ShardDataset(d.shards, split, task=cfg.model.task)
+    if list(dataset.shape) != list(d.shape):
+        log.info("data.shape=%s but the shards hold %s; using the shards' shape", list(d.shape), list(dataset.shape))
+    seed = cfg.train.seed
+
+    if not train:
+        dataset.transform = eval_transforms()
+        indices = list(range(rank, len(dataset), world_size))
+        if d.cache in ("memory", "gpu"):  # eval never goes GPU-resident: it is read once per evaluation
+            dataset.cache_volumes(indices)
+        loader = DataLoader(dataset, batch_size=micro_batch, sampler=indices, drop_last=False, **_dataloader_kwargs(cfg, device))
+        return LoaderBundle(loader, None, dataset, None, math.ceil(len(indices) / micro_batch))
+
+    sampler = BrainSampler(
+        len(dataset), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+        balanced=d.balanced, labels=dataset.labels,
+    )
+    if sampler.num_samples < micro_batch:
+        raise ValueError(
+            f"split '{split}' gives {sampler.num_samples} samples per rank ({len(dataset)} over {world_size} ranks), "
+            f"fewer than micro_batch={micro_batch}: lower data.batch_size or use fewer ranks"
+        )
+    n_batches = sampler.num_samples // micro_batch
+    held = sampler.indices_for_rank()
+    if d.cache == "gpu":
+        if device.type != "cuda":
+            log.warning("data.cache=gpu but the device is %s: using the DataLoader path", device)
+        elif _gpu_fits(len(held), dataset.volume_bytes, device):
+            batches = DeviceBatches(dataset, sampler, micro_batch, device, d.num_workers, d.start_method)
+            dev_aug = DeviceAugment(aug, seed=_item_seed(seed, 0, rank, 2**31)) if use_aug else None
+            return LoaderBundle(batches, sampler, dataset, dev_aug, n_batches, mode="gpu-resident")
+        else:
+            log.warning("data.cache=gpu: the rank's volumes do not fit on %s; using the DataLoader path", device)
+    if d.cache == "memory":
+        dataset.cache_volumes(held)
+    cpu_aug = use_aug and aug.device == "cpu"
+    dataset.transform = train_transforms(aug, seed=_item_seed(seed, 0, rank, 2**31 + 1)) if cpu_aug else eval_transforms()
+    dev_aug = DeviceAugment(aug, seed=_item_seed(seed, 0, rank, 2**31)) if use_aug and aug.device == "gpu" else None
+    loader = DataLoader(
+        dataset, batch_size=micro_batch, sampler=_SeededSampler(sampler), drop_last=True, **_dataloader_kwargs(cfg, device)
+    )
+    return LoaderBundle(loader, sampler, dataset, dev_aug, n_batches)
