@@ -18,6 +18,11 @@ def run(args: argparse.Namespace) -> int:
     from brainage_hpc.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    from brainage_hpc.engine.distributed import clean_exit, discover_env
     from brainage_hpc.engine.run import train_main
 
-    return train_main(cfg, run_dir=args.run_dir, resume=args.resume)
+    env = discover_env()
+    code = train_main(cfg, run_dir=args.run_dir, resume=args.resume, env=env)
+    if env.is_distributed:
+        clean_exit(code)  # barrier, destroy, flush, os._exit: gloo may abort in its exit path otherwise
+    return code

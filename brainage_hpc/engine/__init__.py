@@ -1,0 +1,1 @@
+"""Training engine: distributed setup, backends, trainer loop, checkpoints, logging."""
