@@ -25,7 +25,7 @@ demo: venv
 	$(PY) -m brainage_hpc.demo --out demo_out
 
 test: venv
-	if [ -f slurm/local/maybe_start.sh ]; then bash slurm/local/maybe_start.sh; fi
+	bash slurm/local/maybe_start.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
