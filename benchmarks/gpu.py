@@ -255,7 +255,10 @@ def _skipped(args: argparse.Namespace, argv: list[str] | None, reason: str) -> i
     print(f"no GPU: skipped ({reason})")
     result = make_result("gpu", "GPU throughput (SFCN 160x192x160, seed CNN 128^3)", argv, quick=args.quick,
                          config={}, headers=["status"], rows=[[f"no GPU: skipped ({reason})"]], ratio=None,
-                         notes=["Run `python -m benchmarks.gpu` on a machine with a CUDA GPU."], skipped=True, reason=reason)
+                         notes=["No CUDA GPU on the machine that ran this (no device was lent to the session). The script is ready: "
+                                "`python -m benchmarks.gpu` on a CUDA machine measures SFCN at 160x192x160 and the seed CNN at 128^3, "
+                                "fp32 vs bf16, channels-last on/off, a batch sweep to the memory limit (volumes/s, peak memory), "
+                                "GPU busy share and the data-wait fraction with the real loader."], skipped=True, reason=reason)
     return finish(result, args.out)
 
 
