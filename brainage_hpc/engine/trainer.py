@@ -89,15 +89,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ signals
 
-    def install_signal_handlers(self) -> None:
-        """SIGUSR1/SIGTERM set a flag; the loop checkpoints at the next step boundary."""
+    def install_signal_handlers(self) -> dict[int, Any]:
+        """SIGUSR1/SIGTERM set a flag; the loop checkpoints at the next step boundary.
+
+        Returns the previous handlers, which :meth:`fit` puts back when it returns: a
+        process that trains in-process and later forks (a notebook, a test runner)
+        must not hand children a SIGTERM that only sets a flag, or ``Pool.terminate``
+        can no longer stop them.
+        """
 
         def _request_stop(signum: int, _frame: Any) -> None:
             self._stop_requested = True
             log.warning("rank %d got %s: will checkpoint at the next step boundary", self.backend.env.rank, signal.Signals(signum).name)
 
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, _request_stop)
+        return {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
 
     def request_stop(self) -> None:
         """Ask the loop to checkpoint and stop (used by the submitit job)."""
@@ -206,7 +211,14 @@ class Trainer:
 
     def fit(self, resume: str = "auto") -> Outcome:
         """Train until the planned step count, early stop, divergence or preemption."""
-        self.install_signal_handlers()
+        previous = self.install_signal_handlers()
+        try:
+            return self._fit(resume)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _fit(self, resume: str) -> Outcome:
         self.resume(resume)
         self.logger.event("start", self.state.step, total_steps=self.total_steps, world_size=self.backend.env.world_size)
         self.logger.start_bar(self.total_steps, self.state.step, desc=self.cfg.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,10 @@ def _train(shards: Path, model: str, run_dir: Path) -> Path:
     cfg = load_config("cnn_demo", train_overrides(
         shards, model, "train.backend=single", "train.precision=32", "train.max_steps=6", "train.epochs=100",
     ))
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     assert train_main(cfg, run_dir) == 0
+    # in-process training must give the signal handlers back (forked children must stay killable)
+    assert {s: signal.getsignal(s) for s in before} == before
     return run_dir
 
 
