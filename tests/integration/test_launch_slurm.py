@@ -85,13 +85,14 @@ def test_launch_four_nodes(slurm_cluster, slurm_jobs, tiny_shards, tmp_path):
     info = wait_job_state(job, {"RUNNING", "COMPLETING", "COMPLETED"}, timeout=60)
     assert info.get("NumNodes") == "4" and info.get("NodeList") == "n[1-4]", info
     out, err = proc.communicate(timeout=400)
-    assert proc.returncode == 0, err[-3000:]
-    assert "tensorboard --logdir" in out
-    assert (run_dir / "last.pt").is_file() and list((run_dir / "tb").glob("events.out.tfevents.*"))
-    assert _events(run_dir, "start")[0]["world_size"] == 4
-    assert _events(run_dir, "end")[-1]["step"] == 6
+    said = f"launcher stdout:\n{out[-2000:]}\nstderr:\n{err[-3000:]}"
+    assert proc.returncode == 0, said
+    assert "tensorboard --logdir" in out, said
+    assert (run_dir / "last.pt").is_file() and list((run_dir / "tb").glob("events.out.tfevents.*")), said
+    assert _events(run_dir, "start")[0]["world_size"] == 4, said
+    assert _events(run_dir, "end")[-1]["step"] == 6, said
     logs = sorted((run_dir / "submitit").rglob("*_log.out"))
-    assert len(logs) == 4  # one per task / node
+    assert len(logs) == 4, (logs, said)  # one per task / node
 
 
 def test_launch_preempt_requeue_resume(slurm_cluster, slurm_jobs, tiny_shards, tmp_path):
