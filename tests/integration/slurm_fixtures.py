@@ -4,7 +4,7 @@ The cluster is started by ``slurm/local/start.sh`` (``make slurm-up``; ``make te
 does it through ``slurm/local/maybe_start.sh``).  Import what you need into a test
 module::
 
-    from slurm_fixtures import slurm_cluster, sbatch, wait_job_done  # noqa: F401
+    from tests.integration.slurm_fixtures import slurm_cluster, sbatch, wait_job_done  # noqa: F401
 
 Tests using ``slurm_cluster`` are skipped with a visible reason when ``sinfo`` is
 missing or the 4 nodes do not answer, except when ``CI=true`` or

@@ -22,28 +22,16 @@ from pathlib import Path
 
 import pytest
 
-try:  # works whether or not tests/ becomes a package
-    from .slurm_fixtures import (  # noqa: F401
-        job_info,
-        release_requeued,
-        sbatch,
-        slurm_cluster,
-        slurm_jobs,
-        wait_for,
-        wait_job_done,
-        wait_job_state,
-    )
-except ImportError:
-    from slurm_fixtures import (  # type: ignore[no-redef]  # noqa: F401
-        job_info,
-        release_requeued,
-        sbatch,
-        slurm_cluster,
-        slurm_jobs,
-        wait_for,
-        wait_job_done,
-        wait_job_state,
-    )
+from tests.integration.slurm_fixtures import (  # noqa: F401
+    job_info,
+    release_requeued,
+    sbatch,
+    slurm_cluster,
+    slurm_jobs,
+    wait_for,
+    wait_job_done,
+    wait_job_state,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(150)]
 

@@ -29,10 +29,7 @@ from brainage_hpc.data.hcp import T1W_RELPATH, age_to_bin
 from brainage_hpc.data.preprocess import PreprocessConfig, preprocess_volume
 from brainage_hpc.data.shards import ShardReader, load_manifest
 
-try:  # works whether or not tests/ becomes a package
-    from .slurm_fixtures import slurm_cluster, slurm_jobs, wait_job_done
-except ImportError:
-    from slurm_fixtures import slurm_cluster, slurm_jobs, wait_job_done  # type: ignore[no-redef]  # noqa: F401
+from tests.integration.slurm_fixtures import slurm_cluster, slurm_jobs, wait_job_done  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ["--shape", "40", "48", "40", "--voxel-mm", "4", "--shard-size", "6", "--no-progress"]
