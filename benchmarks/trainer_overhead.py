@@ -16,7 +16,7 @@ Ours is ``Trainer.train_epoch`` on the ``single`` backend, fp32, with
 everything it always does: the non-finite-loss guard, the gradient-norm
 computation, the LR scheduler, the on-device loss window, the stop-flag check
 and the ``metrics.jsonl`` + TensorBoard lines every ``log_every_steps``.
-The progress bar is off. Warm-up: one epoch of the bare loop, and trainer epochs until its first log
+Denormals are flushed to zero for both sides. The progress bar is off. Warm-up: one epoch of the bare loop, and trainer epochs until its first log
 line is written; then ``--repeats``
 epochs of each, interleaved (ours, bare, ours, bare...) so drifting machine load
 hits both alike, and the median volumes/s of each is compared.
@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or str(BENCH_OUT / ("quick" if args.quick else "") / "trainer_overhead.json")
     logging.basicConfig(level=logging.WARNING)
     set_threads(args.threads)
+    # Denormal floats slow CPU arithmetic by an amount that depends on the weights, so two
+    # copies of a model that drift apart ran up to 15 % apart here for that reason alone;
+    # flushing them to zero makes both sides measure the loop, not the numbers.
+    torch.set_flush_denormal(True)
     device = torch.device(args.device)
 
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
