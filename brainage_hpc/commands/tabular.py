@@ -96,12 +96,12 @@ def run_tabular(
         join_labels,
         read_feature_table,
         read_labels,
-        resolve_splits,
         task_targets,
     )
     from brainage_hpc.tabular.importance import importance_figure, importance_table
     from brainage_hpc.tabular.models import build_model, search_on_validation
     from brainage_hpc.tabular.report import render_report
+    from brainage_hpc.tabular.splits import resolve_splits
 
     if task not in _N_CLASSES:
         raise TabularDataError(f"unknown task '{task}' (valid: {', '.join(_N_CLASSES)})")

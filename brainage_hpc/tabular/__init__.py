@@ -1,6 +1,6 @@
 """Models on FreeSurfer regional tables (scikit-learn), beside the deep models.
 
-``data`` loads and joins the table and splits it like the shards, ``models`` builds
+``data`` loads and joins the table, ``splits`` splits it like the shards, ``models`` builds
 the pipelines and searches them on the validation split, ``importance`` computes
 permutation/impurity importance, ``report`` writes ``report.md``. The command
 ``brainage tabular`` (:mod:`brainage_hpc.commands.tabular`) chains them.
@@ -12,12 +12,12 @@ from brainage_hpc.tabular.data import (
     join_labels,
     read_feature_table,
     read_labels,
-    resolve_splits,
     task_targets,
 )
 from brainage_hpc.tabular.importance import importance_figure, importance_table
 from brainage_hpc.tabular.models import MODEL_NAMES, TwoStepClassifier, build_model, search_on_validation
 from brainage_hpc.tabular.report import headline, render_report
+from brainage_hpc.tabular.splits import resolve_splits
 
 __all__ = [
     "MODEL_NAMES",

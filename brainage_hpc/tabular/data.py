@@ -24,7 +24,6 @@ Every drop is logged and also returned as a note for ``report.md``.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -45,7 +44,6 @@ __all__ = [
     "join_labels",
     "read_feature_table",
     "read_labels",
-    "resolve_splits",
     "task_targets",
 ]
 
@@ -79,12 +77,12 @@ class TabularData:
     notes: list[str] = field(default_factory=list)
 
 
-def _note(notes: list[str], message: str) -> None:
+def add_note(notes: list[str], message: str) -> None:
     log.warning(message)
     notes.append(message)
 
 
-def _preview(items: list[str], k: int = 5) -> str:
+def preview_ids(items: list[str], k: int = 5) -> str:
     head = ", ".join(items[:k])
     return head + (f", ... (+{len(items) - k})" if len(items) > k else "")
 
@@ -103,10 +101,10 @@ def _subject_column(df: pd.DataFrame, path: Path) -> str:
     for col in df.columns:
         if str(col).strip().lower() == "subject":
             return str(col)
-    raise TabularDataError(f"{path}: no 'Subject' column (columns: {_preview([str(c) for c in df.columns])})")
+    raise TabularDataError(f"{path}: no 'Subject' column (columns: {preview_ids([str(c) for c in df.columns])})")
 
 
-def _normalise_id(value: object) -> str:
+def normalise_subject_id(value: object) -> str:
     """Subject ID as text; ``100206.0`` (an ID that went through a float column) -> ``100206``."""
     return _FLOAT_ID.sub(r"\1", str(value).strip())
 
@@ -179,7 +177,7 @@ def read_feature_table(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
         (empty_cols, "is empty for every subject"),
     ):
         if cols:
-            _note(notes, f"{path.name}: dropped {len(cols)} column(s) that {why}: {_preview(cols)}")
+            add_note(notes, f"{path.name}: dropped {len(cols)} column(s) that {why}: {preview_ids(cols)}")
     if not keep:
         raise TabularDataError(f"{path}: no numeric feature columns (besides Subject)")
     features = pd.DataFrame(keep, index=df.index)
@@ -187,13 +185,13 @@ def read_feature_table(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
     n_inf = int(np.isinf(arr).sum())
     if n_inf:
         features = features.replace([np.inf, -np.inf], np.nan)
-        _note(notes, f"{path.name}: {n_inf} infinite value(s) treated as missing")
+        add_note(notes, f"{path.name}: {n_inf} infinite value(s) treated as missing")
     n_nan = int(features.isna().to_numpy().sum())
     if n_nan:
         cols = [str(c) for c in features.columns[features.isna().any()]]
-        _note(
+        add_note(
             notes,
-            f"{path.name}: {n_nan} missing value(s) in {len(cols)} column(s) ({_preview(cols)}), "
+            f"{path.name}: {n_nan} missing value(s) in {len(cols)} column(s) ({preview_ids(cols)}), "
             "imputed with the training-split median",
         )
     return features, notes
@@ -328,11 +326,11 @@ def read_labels(
     both = labels["age_bin"].notna() & derived.notna()
     n_disagree = int((labels.loc[both, "age_bin"] != derived[both]).sum())
     if n_disagree:
-        _note(notes, f"{source}: {n_disagree} subject(s) whose exact age falls outside their age bin; the bin is used")
+        add_note(notes, f"{source}: {n_disagree} subject(s) whose exact age falls outside their age bin; the bin is used")
     labels["age_bin"] = labels["age_bin"].fillna(derived)
     unknown = labels.index[labels["age_bin"].isna()].tolist()
     if unknown:
-        _note(notes, f"{source}: dropped {len(unknown)} subject(s) without any age: {_preview(unknown)}")
+        add_note(notes, f"{source}: dropped {len(unknown)} subject(s) without any age: {preview_ids(unknown)}")
         labels = labels.drop(index=unknown)
     bad = labels["age_bin"][~labels["age_bin"].isin(list(AGE_BINS.values()))]
     if len(bad):
@@ -356,15 +354,15 @@ def join_labels(features: pd.DataFrame, labels: pd.DataFrame, task: TaskName, ta
     notes: list[str] = []
     missing = [s for s in labels.index if s not in features.index]
     if missing:
-        _note(notes, f"{len(missing)} labelled subject(s) missing from {table_name}, dropped: {_preview(missing)}")
+        add_note(notes, f"{len(missing)} labelled subject(s) missing from {table_name}, dropped: {preview_ids(missing)}")
     unlabelled = [s for s in features.index if s not in labels.index]
     if unlabelled:
-        _note(notes, f"{len(unlabelled)} subject(s) of {table_name} have no labels, dropped: {_preview(unlabelled)}")
+        add_note(notes, f"{len(unlabelled)} subject(s) of {table_name} have no labels, dropped: {preview_ids(unlabelled)}")
     common = [s for s in features.index if s in labels.index]
     if not common:
         raise TabularDataError(
-            f"{table_name}: no subject in common with the labels (table: {_preview(list(features.index), 3)}; "
-            f"labels: {_preview(list(labels.index), 3)})"
+            f"{table_name}: no subject in common with the labels (table: {preview_ids(list(features.index), 3)}; "
+            f"labels: {preview_ids(list(labels.index), 3)})"
         )
     lab = labels.loc[common]
     if task == "regress":
@@ -375,7 +373,7 @@ def join_labels(features: pd.DataFrame, labels: pd.DataFrame, task: TaskName, ta
                 "only age bins found"
             )
         if no_age:
-            _note(notes, f"{len(no_age)} subject(s) without an exact age dropped for regression: {_preview(no_age)}")
+            add_note(notes, f"{len(no_age)} subject(s) without an exact age dropped for regression: {preview_ids(no_age)}")
             lab = lab.drop(index=no_age)
     return TabularData(features=features.loc[lab.index], labels=lab, notes=notes)
 
@@ -388,92 +386,3 @@ def task_targets(labels: pd.DataFrame, task: TaskName) -> np.ndarray:
     if n is None:
         raise TabularDataError(f"unknown task '{task}' (valid: classify4, classify2, regress)")
     return np.array([bin_to_class(int(b), n) for b in labels["age_bin"]], dtype=np.int64)
-
-
-def _splits_from_manifest(path: Path, subjects: list[str], notes: list[str]) -> dict[str, list[str]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: manifest not found")
-    try:
-        splits = json.loads(path.read_text())["splits"]
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TabularDataError(f"{path}: not valid JSON ({exc})") from None
-    except (KeyError, TypeError):
-        raise TabularDataError(f"{path}: no 'splits' key (expected splits: {{train, val, test}})") from None
-    if not isinstance(splits, dict) or any(not isinstance(splits.get(k, []), list) for k in SPLIT_NAMES):
-        raise TabularDataError(f"{path}: 'splits' must map train/val/test to lists of subject IDs")
-    known = set(subjects)
-    out: dict[str, list[str]] = {}
-    seen: dict[str, str] = {}
-    for name in SPLIT_NAMES:
-        ids = [_normalise_id(s) for s in splits.get(name, [])]
-        for s in ids:
-            if s in seen and seen[s] != name:
-                raise TabularDataError(f"{path}: subject {s} is in both '{seen[s]}' and '{name}'")
-            seen[s] = name
-        absent = [s for s in ids if s not in known]
-        if absent:
-            _note(
-                notes,
-                f"{path.name}: {len(absent)} {name} subject(s) not in the joined table, skipped: {_preview(absent)}",
-            )
-        out[name] = [s for s in ids if s in known]
-    outside = [s for s in subjects if s not in seen]
-    if outside:
-        _note(
-            notes, f"{path.name}: {len(outside)} subject(s) of the table are in no split, unused: {_preview(outside)}"
-        )
-    return out
-
-
-def _make_splits(labels: pd.DataFrame, fractions: tuple[float, float, float], seed: int) -> dict[str, list[str]]:
-    """The shards' splitter on the joined subjects (stratum age bin x sex, families kept whole)."""
-    from brainage_hpc.data.splits import make_splits
-
-    records = [
-        {
-            "id": str(s),
-            "age_bin": int(r.age_bin),
-            "sex": -1 if pd.isna(r.sex) else int(r.sex),  # unknown sex: its own stratum
-            "family_id": r.family_id,
-        }
-        for s, r in labels.iterrows()
-    ]
-    try:
-        result = make_splits(records, fractions=fractions, seed=seed)
-    except ValueError as exc:
-        raise TabularDataError(f"cannot split the subjects: {exc}") from None
-    return {name: [str(s) for s in result.get(name, [])] for name in SPLIT_NAMES}
-
-
-def resolve_splits(
-    data: TabularData,
-    manifest: str | Path | None = None,
-    seed: int = 0,
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-) -> tuple[dict[str, list[str]], str]:
-    """Train/val/test subject IDs: the shards' manifest when given, else a stratified split.
-
-    Without a manifest the subjects are split by ``brainage_hpc.data.splits.make_splits``,
-    the splitter of ``brainage preprocess``: stratified by age bin x sex, families kept
-    whole when ``Family_ID`` is known, seeded. The same subjects and seed therefore get
-    the same split as the shards. Notes go to ``data.notes``.
-
-    Returns:
-        ``(splits, source)``: ``{"train": [...], "val": [...], "test": [...]}`` and a short
-        description of where the split came from.
-
-    Raises:
-        FileNotFoundError: the manifest does not exist.
-        TabularDataError: malformed manifest, or an empty train or test split.
-    """
-    subjects = list(data.labels.index)
-    if manifest is not None:
-        splits = _splits_from_manifest(Path(manifest), subjects, data.notes)
-        source = f"manifest {manifest}"
-    else:
-        splits = _make_splits(data.labels, fractions, seed)
-        source = f"stratified family-aware split (make_splits, seed {seed})"
-    for name in ("train", "test"):
-        if not splits[name]:
-            raise TabularDataError(f"the {name} split is empty after joining with the table ({source})")
-    return splits, source
