@@ -29,6 +29,7 @@ __all__ = [
     "finite_age_mask",
     "gaussian_nll",
     "cast_for",
+    "classification_outputs",
     "masked_cross_entropy",
     "masked_mean",
     "masked_regression_loss",
@@ -165,6 +166,28 @@ def expected_age(logits: Tensor, ages: Tensor) -> Tensor:
     """Expected age (B,) in years: softmax(logits) (B, K) weighted by per-class ages (K,)."""
     probs = torch.softmax(logits.float(), dim=1)
     return probs @ ages.to(device=probs.device, dtype=probs.dtype)
+
+
+def classification_outputs(logits: Tensor, batch: dict[str, Tensor], class_ages: Tensor | None) -> dict[str, Tensor]:
+    """The output dict of a classification head, the same for every model.
+
+    Args:
+        logits: (B, K).
+        batch: the input batch; its ``label`` (B,) int64 (negative = unknown) gives the loss.
+        class_ages: per-class ages (K,) in years, or ``None``.
+
+    Returns:
+        ``logits``; ``pred_age`` (B,) when ``class_ages`` is given; ``loss`` and ``loss/cls``
+        when the batch has labels.
+    """
+    result: dict[str, Tensor] = {"logits": logits}
+    if class_ages is not None:
+        result["pred_age"] = expected_age(logits, class_ages)
+    if "label" in batch:
+        loss = masked_cross_entropy(logits, batch["label"])
+        result["loss/cls"] = loss
+        result["loss"] = loss
+    return result
 
 
 def conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:

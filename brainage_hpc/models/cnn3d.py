@@ -24,9 +24,8 @@ from brainage_hpc.models._common import (
     check_class_ages,
     check_in_shape,
     check_task,
+    classification_outputs,
     conv_out,
-    expected_age,
-    masked_cross_entropy,
     masked_regression_loss,
     sex_column,
 )
@@ -199,11 +198,5 @@ class CNN3d(nn.Module):
                 result["loss/age"] = loss
                 result["loss"] = loss
         else:
-            result["logits"] = out
-            if self.class_ages is not None:
-                result["pred_age"] = expected_age(out, self.class_ages)
-            if "label" in batch:
-                loss = masked_cross_entropy(out, batch["label"])
-                result["loss/cls"] = loss
-                result["loss"] = loss
+            result.update(classification_outputs(out, batch, self.class_ages))
         return result

@@ -24,9 +24,9 @@ from brainage_hpc.models._common import (
     check_class_ages,
     check_in_shape,
     check_task,
+    classification_outputs,
     expected_age,
     finite_age_mask,
-    masked_cross_entropy,
     masked_mean,
 )
 
@@ -201,11 +201,5 @@ class SFCN(nn.Module):
                 result["loss/age"] = loss
                 result["loss"] = loss
         else:
-            result["logits"] = logits
-            if self.class_ages is not None:
-                result["pred_age"] = expected_age(logits, self.class_ages)
-            if "label" in batch:
-                loss = masked_cross_entropy(logits, batch["label"])
-                result["loss/cls"] = loss
-                result["loss"] = loss
+            result.update(classification_outputs(logits, batch, self.class_ages))
         return result
