@@ -34,7 +34,6 @@ __all__ = [
     "child_env",
     "describe_machine",
     "finish",
-    "free_port",
     "machine_info",
     "make_ratio",
     "make_result",
@@ -224,12 +223,6 @@ def sync(device: Any) -> None:
 
     if getattr(device, "type", str(device)) == "cuda":
         torch.cuda.synchronize()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def child_env(threads: int, **extra: str) -> dict[str, str]:

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    BENCH_OUT, REPO, bench_shards, child_env, finish, free_port, make_ratio, make_result, median, read_jsonl,
+    BENCH_OUT, REPO, bench_shards, child_env, finish, make_ratio, make_result, median, read_jsonl,
 )
+from brainage_hpc.engine.distributed import free_port
 
 __all__ = ["main", "Case", "train_command", "window_rates"]
 

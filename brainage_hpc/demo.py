@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -45,12 +44,6 @@ def _cli(args: list[str]) -> None:
         raise SystemExit(f"demo: `brainage {' '.join(args)}` failed with exit code {rc}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _finished(run_dir: Path) -> bool:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -60,11 +53,13 @@ def _finished(run_dir: Path) -> bool:
 
 
 def _train(config: str, run_dir: Path, shards: Path, nproc: int, extra: list[str]) -> None:
+    from brainage_hpc.engine.distributed import free_port
+
     if _finished(run_dir):
         print(f"{run_dir} already trained: skipping (delete it to retrain)")
         return
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
         "-m", "brainage_hpc.cli", "train", "--config", config, "--run-dir", str(run_dir), "--resume", "auto",
         f"data.shards={shards}", "train.backend=ddp", "train.precision=bf16-mixed", *extra,
     ]

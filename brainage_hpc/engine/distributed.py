@@ -17,9 +17,16 @@ from typing import Literal, NoReturn
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "discover_env", "init_distributed", "select_device", "clean_exit"]
+__all__ = ["DistEnv", "clean_exit", "discover_env", "free_port", "init_distributed", "select_device"]
 
 log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for ``torchrun --master_port`` of a local run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

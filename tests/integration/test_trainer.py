@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from brainage_hpc.engine.distributed import free_port
 from tests.conftest import train_overrides
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -36,7 +30,7 @@ def _train_cmd(nproc: int, run_dir: Path, overrides: list[str], resume: str = "a
     head = [sys.executable, "-m", "brainage_hpc.cli"]
     if nproc > 1:
         head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(_free_port()), "-m", "brainage_hpc.cli"]
+                "--master_port", str(free_port()), "-m", "brainage_hpc.cli"]
     return [*head, "train", "--config", "cnn_demo", "--run-dir", str(run_dir), "--resume", resume, *overrides]
 
 
