@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv demo test test-fast bench tensorboard slurm-up slurm-down clean
+.PHONY: venv demo test test-fast lint bench tensorboard slurm-up slurm-down clean
 
 venv: $(VENV)/.installed
 
@@ -24,9 +24,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: venv
 	$(PY) -m brainage_hpc.demo --out demo_out
 
-test: venv
+test: venv lint
 	bash slurm/local/maybe_start.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)

@@ -264,7 +264,7 @@ def _unique_cohort(root: Path, unique: int, workers: int) -> Path:
 
 def _replicated_cohort(src: Path, dst: Path, n: int) -> None:
     """``n`` subjects: the unique ones, then copies under new IDs (hard links; loading cost is the same)."""
-    from brainage_hpc.data.hcp import T1W_RELPATH
+    from brainage_hpc.ingest.hcp import T1W_RELPATH
 
     dst.mkdir(parents=True)
     for name in ("unrestricted.csv", "restricted.csv"):

@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    BENCH_OUT, REPO, bench_shards, child_env, finish, make_ratio, make_result, median, read_jsonl,
+    BENCH_OUT,
+    REPO,
+    bench_shards,
+    child_env,
+    finish,
+    make_ratio,
+    make_result,
+    median,
+    read_jsonl,
 )
 from brainage_hpc.engine.distributed import free_port
 

@@ -40,7 +40,17 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
-    BENCH_OUT, REPO, bench_shards, child_env, finish, machine_info, make_ratio, make_result, median, read_jsonl, sync,
+    BENCH_OUT,
+    REPO,
+    bench_shards,
+    child_env,
+    finish,
+    machine_info,
+    make_ratio,
+    make_result,
+    median,
+    read_jsonl,
+    sync,
 )
 
 __all__ = ["main", "BusySampler", "sweep_model", "train_step_rate"]

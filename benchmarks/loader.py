@@ -43,11 +43,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import BENCH_OUT, finish, machine_info, make_ratio, make_result, set_threads
 from brainage_hpc.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
-from brainage_hpc.data.hcp import T1W_RELPATH
 from brainage_hpc.data.loader import build_loader, seed_worker
-from brainage_hpc.data.preprocess import PreprocessConfig, preprocess_volume
 from brainage_hpc.data.shards import load_manifest
 from brainage_hpc.data.transforms import DeviceAugment, eval_transforms, train_transforms
+from brainage_hpc.ingest.hcp import T1W_RELPATH
+from brainage_hpc.ingest.preprocess import PreprocessConfig, preprocess_volume
 
 __all__ = ["main"]
 
@@ -70,7 +70,7 @@ class NiftiDataset(Dataset):
 
 
 def _make_cohort(hcp: Path, n: int, unique: int, voxel_mm: float, seed: int) -> None:
-    from brainage_hpc.data.synthetic import SynthConfig, make_cohort
+    from brainage_hpc.ingest.synthetic import SynthConfig, make_cohort
 
     unique = min(unique, n)
     make_cohort(hcp, SynthConfig(n_subjects=unique, seed=seed, voxel_mm=voxel_mm), progress=False, workers=2)

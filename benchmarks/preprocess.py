@@ -29,7 +29,7 @@ __all__ = ["main"]
 
 
 def _cohort(work: Path, n: int, input_mm: float) -> Path:
-    from brainage_hpc.data.synthetic import SynthConfig, make_cohort
+    from brainage_hpc.ingest.synthetic import SynthConfig, make_cohort
 
     root = work / f"cohort_n{n}_{input_mm:g}mm"
     if not (root / "truth.json").is_file():
@@ -49,8 +49,8 @@ def _cpu_s() -> float:
 def _volume_times(root: Path, cfg: Any, k: int = 8) -> list[float]:
     import torch
 
-    from brainage_hpc.data.hcp import discover_subjects
-    from brainage_hpc.data.preprocess import preprocess_volume
+    from brainage_hpc.ingest.hcp import discover_subjects
+    from brainage_hpc.ingest.preprocess import preprocess_volume
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -68,7 +68,7 @@ def _volume_times(root: Path, cfg: Any, k: int = 8) -> list[float]:
 def _compression(shards: Path, tmp: Path) -> list[dict[str, Any]]:
     import h5py
 
-    from brainage_hpc.data.shards import write_shard
+    from brainage_hpc.ingest.shard_writer import write_shard
 
     with h5py.File(sorted(shards.glob("shard-*.h5"))[0], "r") as f:
         images = f["image"][()]
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     from brainage_hpc.cli import main as cli_main
-    from brainage_hpc.data.preprocess import PreprocessConfig
+    from brainage_hpc.ingest.preprocess import PreprocessConfig
 
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work)

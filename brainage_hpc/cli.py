@@ -60,12 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     from brainage_hpc.config import ConfigError
+    from brainage_hpc.outputs import OutputError, describe_os_error
 
     try:
         return int(module.run(args) or 0)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, OutputError, FileNotFoundError) as exc:
         print(f"brainage {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, read-only file system, permissions: the file and the reason, no traceback
+        logging.getLogger(__name__).debug("OSError in %s", args.command, exc_info=True)
+        print(f"brainage {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

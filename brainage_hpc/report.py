@@ -74,7 +74,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON (NaN/inf become ``null``) atomically."""
-    from brainage_hpc.metrics import json_safe
+    from brainage_hpc.evaluation.metrics import json_safe
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 on success, 2 with a one-line error for a bad run, shard folder or split."""
-    from brainage_hpc.evaluate import evaluate_run
+    from brainage_hpc.evaluation.evaluate import evaluate_run
 
     try:
         metrics = evaluate_run(args.run_dir, args.shards, args.split, args.out, args.batch_size, args.device)

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 when every file was predicted, 1 when some failed (each named on stderr), 2 for a bad checkpoint."""
-    from brainage_hpc.predict import find_nifti, load_model, predict_files
+    from brainage_hpc.evaluation.predict import find_nifti, load_model, predict_files
     from brainage_hpc.report import write_csv
 
     try:

@@ -29,7 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from brainage_hpc.data.pipeline import PLAN_NAME, WorkerPool, fit_landmarks, merge_shards, process_shards
+from brainage_hpc.ingest.pipeline import PLAN_NAME, WorkerPool, fit_landmarks, merge_shards, process_shards
 
 __all__ = ["add_arguments", "run"]
 
@@ -83,8 +83,8 @@ def _fail(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from brainage_hpc.data.hcp import HCPError
-    from brainage_hpc.data.preprocess import PreprocessConfig
+    from brainage_hpc.ingest.hcp import HCPError
+    from brainage_hpc.ingest.preprocess import PreprocessConfig
 
     out = Path(args.out)
     if not 0 <= args.max_fail_fraction <= 1:
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     except (HCPError, FileNotFoundError, ValueError, OSError) as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
-    from brainage_hpc.data.shards import write_json
+    from brainage_hpc.ingest.shard_writer import write_json
 
     n_subjects, size = len(plan["subjects"]), plan["shard_size"]
     n_shards = math.ceil(n_subjects / size)
@@ -152,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build_plan(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
-    from brainage_hpc.data.hcp import discover_subjects
-    from brainage_hpc.data.splits import import_seed_splits, make_splits
+    from brainage_hpc.ingest.hcp import discover_subjects
+    from brainage_hpc.ingest.splits import import_seed_splits, make_splits
 
     cohort = discover_subjects(args.hcp_root, args.unrestricted, args.restricted)
     for f in cohort.failures:

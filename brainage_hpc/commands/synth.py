@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from brainage_hpc.data.synthetic import SynthConfig, make_cohort
+    from brainage_hpc.ingest.synthetic import SynthConfig, make_cohort
 
     if args.n_subjects < 1:
         raise ValueError(f"--n-subjects must be >= 1, got {args.n_subjects}")

@@ -6,7 +6,7 @@ Example::
         --manifest shards/manifest.json --task classify4 --model hgb --out runs/tab_c4
 
 Writes into ``--out`` (each file atomically): ``metrics.json`` (metric names of
-:mod:`brainage_hpc.metrics`, plus the baseline), ``predictions.csv``,
+:mod:`brainage_hpc.evaluation.metrics`, plus the baseline), ``predictions.csv``,
 ``importance.csv``, ``importance.png`` and ``report.md``.
 
 Exit codes: 0 success; 2 bad input (missing file, unreadable or inconsistent
@@ -89,7 +89,7 @@ def run_tabular(
         FileNotFoundError: a missing input file.
         TabularDataError: bad input data, options or model choice (one-line message).
     """
-    from brainage_hpc.metrics import apply_bias_correction, fit_bias_correction, regression_metrics
+    from brainage_hpc.evaluation.metrics import apply_bias_correction, fit_bias_correction, regression_metrics
     from brainage_hpc.report import atomic_path, write_json
     from brainage_hpc.tabular.data import (
         TabularDataError,
@@ -220,8 +220,8 @@ def _split_metrics(task: str, y: np.ndarray, pred: np.ndarray, bins: np.ndarray)
     A regressor's ages are also scored as age bins (``4class``/``2class``), as evaluate
     does for deep regressors; a 4-class model is also scored on the 2-class task.
     """
-    from brainage_hpc.data.hcp import age_to_bin
-    from brainage_hpc.metrics import classification_metrics, regression_metrics
+    from brainage_hpc.data.ages import age_to_bin
+    from brainage_hpc.evaluation.metrics import classification_metrics, regression_metrics
 
     out: dict[str, Any] = {"n": int(len(y)), "classification": {}, "regression": None}
     if task == "regress":
@@ -239,7 +239,7 @@ def _split_metrics(task: str, y: np.ndarray, pred: np.ndarray, bins: np.ndarray)
 
 def _baselines(task: str, bins: dict[str, np.ndarray], ages: dict[str, np.ndarray]) -> dict[str, Any]:
     """Majority training class / mean training age, scored on the test split."""
-    from brainage_hpc.metrics import baseline_metrics
+    from brainage_hpc.evaluation.metrics import baseline_metrics
 
     out: dict[str, Any] = {}
     if task == "regress":
@@ -259,7 +259,7 @@ def _prediction_frame(
     corrected: np.ndarray | None,
 ) -> pd.DataFrame:
     """Rows of ``predictions.csv`` for one split, with ``brainage evaluate``'s column names."""
-    from brainage_hpc.data.hcp import age_to_bin
+    from brainage_hpc.data.ages import age_to_bin
 
     n = len(labels)
     empty = pd.array([pd.NA] * n, dtype="Int64")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from brainage_hpc.data.hcp import bin_to_class
+from brainage_hpc.data.ages import bin_to_class
 from brainage_hpc.data.shards import Manifest, ShardReader, load_manifest
 
 __all__ = ["TASKS", "BrainSampler", "ShardDataset"]

@@ -271,7 +271,7 @@ def run_gradcam(
     """
     from brainage_hpc.data.dataset import ShardDataset
     from brainage_hpc.data.shards import load_manifest
-    from brainage_hpc.predict import load_model
+    from brainage_hpc.evaluation.predict import load_model
     from brainage_hpc.report import markdown_table, save_nifti, write_json, write_report
 
     lm = load_model(run, device)
@@ -331,7 +331,7 @@ def run_gradcam(
     text = [
         f"- run `{run}` (model `{lm.name}`, task `{lm.task}`), split `{split}`; method `{method}`, layer `{cam.layer}`",
         f"- score explained: {summary['score']}; channel weights averaged over all three spatial axes",
-        f"- maps are NIfTI on the shard grid (affine of the shards), viewable over `group-mean-image.nii.gz`",
+        "- maps are NIfTI on the shard grid (affine of the shards), viewable over `group-mean-image.nii.gz`",
         f"- group mean over {len(group)} subjects: [group-mean-gradcam.nii.gz](group-mean-gradcam.nii.gz)",
     ]
     if n_zero:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from brainage_hpc.data.shards import Manifest
-from brainage_hpc.predict import LoadedModel
+from brainage_hpc.evaluation.predict import LoadedModel
 
 __all__ = [
     "brain_mask",
@@ -202,7 +202,7 @@ def _condition(model: nn.Module, age: float) -> float:
     """Age in years -> what ``generate`` takes: the age (regress) or the class index (classify)."""
     if getattr(model, "task", "regress") != "classify":
         return float(age)
-    from brainage_hpc.data.hcp import age_to_bin, bin_to_class
+    from brainage_hpc.data.ages import age_to_bin, bin_to_class
 
     return float(bin_to_class(age_to_bin(float(age)), int(model.num_classes)))
 
@@ -296,7 +296,7 @@ def run_latent(
         each plotted axis with age).
     """
     from brainage_hpc.data.shards import load_manifest
-    from brainage_hpc.predict import load_model
+    from brainage_hpc.evaluation.predict import load_model
     from brainage_hpc.report import markdown_table, write_csv, write_json, write_report
 
     lm = load_model(run, device)
@@ -309,7 +309,7 @@ def run_latent(
     out_dir.mkdir(parents=True, exist_ok=True)
     cols = [f"mu_{i}" for i in range(mu.shape[1])]
     write_csv(out_dir / "latent.csv", [*table.columns, *cols], [[*r, *m] for r, m in zip(table.values.tolist(), mu.tolist(), strict=True)])
-    from brainage_hpc.data.hcp import bin_centre
+    from brainage_hpc.data.ages import bin_centre
 
     ages = np.where(np.isfinite(table["age"]), table["age"], [bin_centre(b) for b in table["age_bin"]])
     proj = project_latents(mu, seed)
@@ -358,7 +358,7 @@ def run_generate(
         strip_steps: ages in the strip.
         device: torch device.
     """
-    from brainage_hpc.predict import load_model
+    from brainage_hpc.evaluation.predict import load_model
     from brainage_hpc.report import markdown_table, save_nifti, write_json, write_report
 
     if sex not in ("M", "F"):

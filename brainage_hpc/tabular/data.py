@@ -33,7 +33,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from brainage_hpc.data.hcp import AGE_BINS, HCPError, age_to_bin, bin_to_class, find_csv, sex_code
+from brainage_hpc.data.ages import AGE_BINS, age_to_bin, bin_to_class, sex_code
+from brainage_hpc.ingest.hcp import HCPError, find_csv
 
 __all__ = [
     "LABEL_COLUMNS",

@@ -47,7 +47,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_sample_weight
 
-from brainage_hpc.metrics import classification_metrics, regression_metrics
+from brainage_hpc.evaluation.metrics import classification_metrics, regression_metrics
 
 __all__ = [
     "MODEL_NAMES",

@@ -60,7 +60,7 @@ def _splits_from_manifest(path: Path, subjects: list[str], notes: list[str]) -> 
 
 def _make_splits(labels: pd.DataFrame, fractions: tuple[float, float, float], seed: int) -> dict[str, list[str]]:
     """The shards' splitter on the joined subjects (stratum age bin x sex, families kept whole)."""
-    from brainage_hpc.data.splits import make_splits
+    from brainage_hpc.ingest.splits import make_splits
 
     records = [
         {
@@ -86,7 +86,7 @@ def resolve_splits(
 ) -> tuple[dict[str, list[str]], str]:
     """Train/val/test subject IDs: the shards' manifest when given, else a stratified split.
 
-    Without a manifest the subjects are split by ``brainage_hpc.data.splits.make_splits``,
+    Without a manifest the subjects are split by ``brainage_hpc.ingest.splits.make_splits``,
     the splitter of ``brainage preprocess``: stratified by age bin x sex, families kept
     whole when ``Family_ID`` is known, seeded. The same subjects and seed therefore get
     the same split as the shards. Notes go to ``data.notes``.

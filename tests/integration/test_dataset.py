@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from brainage_hpc.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+from brainage_hpc.data.ages import bin_to_class
 from brainage_hpc.data.dataset import BrainSampler, ShardDataset
-from brainage_hpc.data.hcp import bin_to_class
 from brainage_hpc.data.loader import DeviceBatches, build_loader
 from brainage_hpc.data.shards import ShardReader, load_manifest
 from brainage_hpc.data.transforms import DeviceAugment
@@ -26,7 +26,7 @@ KEYS = {"image": torch.float32, "age": torch.float32, "age_bin": torch.int64, "l
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 synthetic subjects at 4 mm -> `brainage preprocess` -> 32^3 shards."""
     from brainage_hpc.cli import main
-    from brainage_hpc.data.synthetic import SynthConfig, make_cohort
+    from brainage_hpc.ingest.synthetic import SynthConfig, make_cohort
 
     base = tmp_path_factory.mktemp("shards")
     make_cohort(base / "hcp", SynthConfig(n_subjects=24, seed=3, voxel_mm=4.0), progress=False, workers=2)

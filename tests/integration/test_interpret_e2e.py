@@ -145,7 +145,7 @@ def test_latent_and_generate(cvae_run, cnn_run, tiny_shards, tmp_path, capsys):
 def test_predict_raw_nifti_of_another_grid(cnn_run, tmp_path, capsys):
     import nibabel as nib
 
-    from brainage_hpc.data.synthetic import SynthConfig, make_cohort
+    from brainage_hpc.ingest.synthetic import SynthConfig, make_cohort
 
     make_cohort(tmp_path / "raw", SynthConfig(n_subjects=1, seed=7, voxel_mm=4.0), progress=False)
     good = next((tmp_path / "raw").rglob("*.nii.gz"))

@@ -18,12 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import train_overrides
-from tests.integration.slurm_fixtures import (  # noqa: F401
+from tests.integration.slurm_fixtures import (
     job_info,
     release_requeued,
-    sbatch,
-    slurm_cluster,
-    slurm_jobs,
     wait_for,
     wait_job_done,
     wait_job_state,

@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 
 from brainage_hpc.cli import main
-from brainage_hpc.data.hcp import T1W_RELPATH, age_to_bin
-from brainage_hpc.data.preprocess import PreprocessConfig, preprocess_volume
+from brainage_hpc.data.ages import age_to_bin
 from brainage_hpc.data.shards import ShardReader, load_manifest
-
-from tests.integration.slurm_fixtures import slurm_cluster, slurm_jobs, wait_job_done  # noqa: F401
+from brainage_hpc.ingest.hcp import T1W_RELPATH
+from brainage_hpc.ingest.preprocess import PreprocessConfig, preprocess_volume
+from tests.integration.slurm_fixtures import wait_job_done
 
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ["--shape", "40", "48", "40", "--voxel-mm", "4", "--shard-size", "6", "--no-progress"]
@@ -45,7 +45,7 @@ def _not_an_array_task(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def cohort4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """32 synthetic subjects at 4 mm (about 10 s with 2 workers)."""
-    from brainage_hpc.data.synthetic import SynthConfig, make_cohort
+    from brainage_hpc.ingest.synthetic import SynthConfig, make_cohort
 
     out = tmp_path_factory.mktemp("cohort4mm")
     make_cohort(out, SynthConfig(n_subjects=N_SUBJECTS, seed=4, voxel_mm=4.0), progress=False, workers=2)

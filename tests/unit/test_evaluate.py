@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 
 from brainage_hpc.cli import main
-from brainage_hpc.evaluate import compute_metrics
-from brainage_hpc.predict import class_centres, find_nifti
+from brainage_hpc.evaluation.evaluate import compute_metrics
+from brainage_hpc.evaluation.predict import class_centres, find_nifti
 from brainage_hpc.report import SEED_REFERENCE, atomic_path, reference_table, write_report
 
 
 def _table(age: np.ndarray, pred: np.ndarray) -> pd.DataFrame:
-    from brainage_hpc.data.hcp import age_to_bin
+    from brainage_hpc.data.ages import age_to_bin
 
     bins = np.array([age_to_bin(a) for a in np.floor(age)])
     pbins = np.array([age_to_bin(p) for p in pred])
@@ -112,9 +112,9 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
 
 
 def test_docstring_examples():
+    import brainage_hpc.evaluation.predict as predict
     import brainage_hpc.interpret.gradcam as gradcam
     import brainage_hpc.interpret.latent as latent
-    import brainage_hpc.predict as predict
     import brainage_hpc.report as report
 
     for module in (report, predict, latent, gradcam):

@@ -6,17 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from brainage_hpc.data.hcp import (
-    T1W_RELPATH,
-    HCPError,
-    age_bin_label,
-    age_to_bin,
-    bin_centre,
-    bin_to_class,
-    discover_subjects,
-    find_csv,
-    sex_code,
-)
+from brainage_hpc.data.ages import age_bin_label, age_to_bin, bin_centre, bin_to_class, sex_code
+from brainage_hpc.ingest.hcp import T1W_RELPATH, HCPError, discover_subjects, find_csv
 
 
 def _layout(root: Path, subjects: list[str], t1w: bool = True) -> None:

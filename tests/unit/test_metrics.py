@@ -1,4 +1,4 @@
-"""brainage_hpc.metrics against hand computations (and scikit-learn/scipy where they agree)."""
+"""brainage_hpc.evaluation.metrics against hand computations (and scikit-learn/scipy where they agree)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from brainage_hpc.metrics import (
+from brainage_hpc.evaluation.metrics import (
     apply_bias_correction,
     baseline_metrics,
     classification_metrics,

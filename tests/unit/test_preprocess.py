@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brainage_hpc.data.preprocess import (
+from brainage_hpc.ingest.preprocess import (
     PreprocessConfig,
     apply_landmarks,
     fit_histogram_landmarks,

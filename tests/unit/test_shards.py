@@ -17,15 +17,11 @@ from brainage_hpc.data.shards import (
     ShardMismatchError,
     ShardReader,
     load_manifest,
-    read_partial,
     sha256_file,
     shard_name,
     verify_shards,
-    write_failures,
-    write_json,
-    write_partial,
-    write_shard,
 )
+from brainage_hpc.ingest.shard_writer import read_partial, write_failures, write_json, write_partial, write_shard
 
 SHAPE = (6, 7, 5)
 

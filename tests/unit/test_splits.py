@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from brainage_hpc.data.hcp import SubjectRecord
-from brainage_hpc.data.splits import import_seed_splits, make_splits, split_proportions
+from brainage_hpc.ingest.hcp import SubjectRecord
+from brainage_hpc.ingest.splits import import_seed_splits, make_splits, split_proportions
 
 
 def _hcp_like(n: int, seed: int) -> list[dict]:

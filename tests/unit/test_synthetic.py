@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats
 
-from brainage_hpc.data.hcp import AGE_BINS, age_to_bin
-from brainage_hpc.data.synthetic import AGE_DEPENDENT_FEATURES, SynthConfig, make_cohort
+from brainage_hpc.data.ages import AGE_BINS, age_to_bin
+from brainage_hpc.ingest.synthetic import AGE_DEPENDENT_FEATURES, SynthConfig, make_cohort
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

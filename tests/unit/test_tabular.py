@@ -19,8 +19,8 @@ import pytest
 
 from brainage_hpc.cli import main
 from brainage_hpc.commands.tabular import run_tabular
-from brainage_hpc.data import synthetic as syn
-from brainage_hpc.data.hcp import age_bin_label, age_to_bin
+from brainage_hpc.data.ages import age_bin_label, age_to_bin
+from brainage_hpc.ingest import synthetic as syn
 from brainage_hpc.tabular import (
     TabularDataError,
     TwoStepClassifier,

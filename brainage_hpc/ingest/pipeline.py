@@ -43,7 +43,7 @@ def _plan_key(plan: dict[str, Any]) -> str:
 
 def fit_landmarks(plan: dict[str, Any], out: Path, pool: WorkerPool) -> dict[str, Any]:
     """Fit histogram landmarks on (at most 200 of) the training subjects; reuse them from plan.json if it matches."""
-    from brainage_hpc.data.preprocess import PreprocessConfig, landmarks_from_percentiles
+    from brainage_hpc.ingest.preprocess import PreprocessConfig, landmarks_from_percentiles
 
     old_path = out / PLAN_NAME
     if old_path.is_file():
@@ -85,7 +85,7 @@ def _reason(exc: BaseException, path: str) -> str:
 
 
 def _preprocess_job(job: tuple[str, str, Any]) -> tuple[str, np.ndarray | None, str | None]:
-    from brainage_hpc.data.preprocess import preprocess_volume
+    from brainage_hpc.ingest.preprocess import preprocess_volume
 
     sid, path, cfg = job
     try:
@@ -95,7 +95,7 @@ def _preprocess_job(job: tuple[str, str, Any]) -> tuple[str, np.ndarray | None, 
 
 
 def _percentile_job(job: tuple[str, str, Any]) -> tuple[str, np.ndarray | None, str | None]:
-    from brainage_hpc.data.preprocess import subject_percentiles
+    from brainage_hpc.ingest.preprocess import subject_percentiles
 
     sid, path, cfg = job
     try:
@@ -164,7 +164,8 @@ def _assigned(plan: dict[str, Any], k: int) -> list[dict[str, Any]]:
 
 
 def _sidecar_ok(out: Path, k: int, plan: dict[str, Any], sha: str | None = None) -> bool:
-    from brainage_hpc.data.shards import read_partial, sha256_file, shard_name
+    from brainage_hpc.data.shards import sha256_file, shard_name
+    from brainage_hpc.ingest.shard_writer import read_partial
 
     rec = read_partial(out, k)
     path = out / shard_name(k)
@@ -185,8 +186,9 @@ def process_shards(
     """Write every selected shard that is not already finished; return {shard: sha256} of those checked or written."""
     from tqdm import tqdm
 
-    from brainage_hpc.data.preprocess import PreprocessConfig, reference_affine
-    from brainage_hpc.data.shards import MANIFEST_NAME, read_partial, shard_name, write_partial, write_shard
+    from brainage_hpc.data.shards import MANIFEST_NAME, shard_name
+    from brainage_hpc.ingest.preprocess import PreprocessConfig, reference_affine
+    from brainage_hpc.ingest.shard_writer import read_partial, write_partial, write_shard
 
     cfg = PreprocessConfig.from_dict(plan["preprocess"])
     paths = {r["id"]: r["t1w"] for r in plan["subjects"]}
@@ -263,15 +265,9 @@ def merge_shards(out: str | Path, max_fail_fraction: float = 0.1, known_hashes: 
         FileNotFoundError: no ``plan.json`` in ``out``.
     """
     from brainage_hpc import __version__
-    from brainage_hpc.data.preprocess import PreprocessConfig, reference_affine
-    from brainage_hpc.data.shards import (
-        FAILURES_NAME,
-        FORMAT_VERSION,
-        MANIFEST_NAME,
-        read_partial,
-        write_failures,
-        write_json,
-    )
+    from brainage_hpc.data.shards import FAILURES_NAME, FORMAT_VERSION, MANIFEST_NAME
+    from brainage_hpc.ingest.preprocess import PreprocessConfig, reference_affine
+    from brainage_hpc.ingest.shard_writer import read_partial, write_failures, write_json
 
     out = Path(out)
     plan_path = out / PLAN_NAME

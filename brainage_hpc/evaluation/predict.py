@@ -3,7 +3,7 @@
 A run folder (plain or DeepSpeed) or an exported ``model.pt`` carries everything
 inference needs: weights, the run config, the volume shape, the shard grid's
 affine and the preprocessing config. :func:`predict_files` applies exactly the
-preprocessing the shards were built with (:func:`~brainage_hpc.data.preprocess.preprocess_volume`),
+preprocessing the shards were built with (:func:`~brainage_hpc.ingest.preprocess.preprocess_volume`),
 so a raw T1w of any shape, voxel size and orientation can be scored.
 
 Every model gives, per subject, ``pred_age`` (years) and, where it can, the
@@ -54,7 +54,7 @@ def class_centres(n_classes: int) -> np.ndarray:
         >>> class_centres(2).tolist()
         [26.0, 34.0]
     """
-    from brainage_hpc.data.hcp import AGE_BIN_RANGES, bin_centre
+    from brainage_hpc.data.ages import AGE_BIN_RANGES, bin_centre
 
     if n_classes == 4:
         return np.array([bin_centre(b) for b in range(4)])
@@ -154,7 +154,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Lo
         raise ValueError(f"{path}: weights do not match model '{cfg.model.name}' of shape {shape} ({first})") from None
     affine = bundle.get("affine")
     if affine is None:
-        from brainage_hpc.data.preprocess import PreprocessConfig, reference_affine
+        from brainage_hpc.ingest.preprocess import PreprocessConfig, reference_affine
 
         affine = reference_affine(PreprocessConfig.from_dict(bundle["preprocess"])) if bundle.get("preprocess") else np.eye(4)
     return LoadedModel(
@@ -182,7 +182,7 @@ def predict_batch(lm: LoadedModel, image: torch.Tensor, sex: torch.Tensor) -> di
         ``pred_age`` (B,) years; ``bin4_pred`` (B,) int (-1 where the task gives no 4-class
         answer); ``class2_pred`` (B,) int; ``probs`` (B, K) float for classifiers, (B, 0) otherwise.
     """
-    from brainage_hpc.data.hcp import age_to_bin
+    from brainage_hpc.data.ages import age_to_bin
 
     batch = {"image": image.to(lm.device, torch.float32), "sex": sex.to(lm.device, torch.float32)}
     out = lm.model(batch)
@@ -255,7 +255,7 @@ def predict_files(
     Returns:
         One :class:`FilePrediction` per path, in order.
     """
-    from brainage_hpc.data.preprocess import PreprocessConfig, preprocess_volume
+    from brainage_hpc.ingest.preprocess import PreprocessConfig, preprocess_volume
 
     if sex not in SEX_CHOICES:
         raise ValueError(f"sex={sex!r} is not valid. Valid: {', '.join(SEX_CHOICES)}")
@@ -285,7 +285,7 @@ def predict_files(
         elif lm.n_classes == 2:
             bin4, class2 = None, int(probs.argmax())
         else:
-            from brainage_hpc.data.hcp import age_to_bin
+            from brainage_hpc.data.ages import age_to_bin
 
             bin4 = age_to_bin(age)
             class2 = int(bin4 >= 2)

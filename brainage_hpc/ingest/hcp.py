@@ -1,4 +1,4 @@
-"""HCP Young Adult conventions: age bins, sex codes, file layout, subject discovery.
+"""HCP Young Adult conventions: file layout, demographics CSVs, subject discovery.
 
 The unrestricted HCP table gives age only as a bin string; exact age and
 families need the restricted table (HCP restricted access).
@@ -14,79 +14,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from brainage_hpc.data.ages import AGE_BINS, sex_code
+
 __all__ = [
-    "AGE_BINS",
-    "AGE_BIN_RANGES",
     "T1W_RELPATH",
     "Cohort",
     "Failure",
     "HCPError",
     "SubjectRecord",
-    "age_bin_label",
-    "age_to_bin",
-    "bin_centre",
-    "bin_to_class",
     "discover_subjects",
     "find_csv",
     "read_restricted",
     "read_unrestricted",
-    "sex_code",
 ]
 
 logger = logging.getLogger(__name__)
 
 T1W_RELPATH = "T1w/T1w_acpc_dc_restore_brain.nii.gz"
-
-# seed bins: {22-25:0, 26-30:1, 31-35:2, 36+:3}; 2-class task: <31 vs >=31
-AGE_BINS: dict[str, int] = {"22-25": 0, "26-30": 1, "31-35": 2, "36+": 3}
-AGE_BIN_RANGES: dict[int, tuple[float, float]] = {0: (22.0, 26.0), 1: (26.0, 31.0), 2: (31.0, 36.0), 3: (36.0, 38.0)}
-
-
-def age_to_bin(age: float) -> int:
-    """Exact age in years -> 4-class seed bin (ages below 22 go to bin 0)."""
-    if math.isnan(age):
-        raise ValueError("age is NaN")
-    if age < 26:
-        return 0
-    if age < 31:
-        return 1
-    if age < 36:
-        return 2
-    return 3
-
-
-def age_bin_label(bin_index: int) -> str:
-    """4-class bin index -> HCP string ('22-25', ...)."""
-    for label, idx in AGE_BINS.items():
-        if idx == bin_index:
-            return label
-    raise ValueError(f"age bin {bin_index} is not one of {sorted(AGE_BINS.values())}")
-
-
-def bin_to_class(bin4: int, n_classes: int) -> int:
-    """Map a 4-class bin to the class of a 4- or 2-class task (2-class: <31 vs >=31)."""
-    if n_classes == 4:
-        return int(bin4)
-    if n_classes == 2:
-        return int(bin4 >= 2)
-    raise ValueError(f"n_classes must be 2 or 4, got {n_classes}")
-
-
-def bin_centre(bin4: int) -> float:
-    """Centre of a 4-class bin in years (used when only the bin is known)."""
-    lo, hi = AGE_BIN_RANGES[int(bin4)]
-    return (lo + hi - 1) / 2.0
-
-
-def sex_code(gender: str) -> int:
-    """HCP 'Gender' column (M/F) -> 1 for M, 0 for F."""
-    g = str(gender).strip().upper()
-    if g in ("M", "MALE"):
-        return 1
-    if g in ("F", "FEMALE"):
-        return 0
-    raise ValueError(f"unknown Gender '{gender}' (expected M or F)")
-
 
 # ----------------------------------------------------------------------------- discovery
 

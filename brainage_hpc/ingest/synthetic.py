@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from brainage_hpc.data.hcp import T1W_RELPATH, age_bin_label, age_to_bin
+from brainage_hpc.data.ages import age_bin_label, age_to_bin
+from brainage_hpc.ingest.hcp import T1W_RELPATH
 
 __all__ = ["SynthConfig", "SubjectTruth", "REGIONS", "AGE_DEPENDENT_FEATURES", "make_cohort", "load_tissue_maps"]
 

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from brainage_hpc.data.shards import Manifest
-from brainage_hpc.predict import LoadedModel
+from brainage_hpc.evaluation.predict import LoadedModel
 
 __all__ = ["compute_metrics", "evaluate_run", "predict_split", "split_targets"]
 
@@ -57,7 +57,7 @@ def predict_split(lm: LoadedModel, manifest: Manifest, split: str, batch_size: i
     """Run the model over every subject of a split.
 
     Args:
-        lm: model from :func:`~brainage_hpc.predict.load_model`.
+        lm: model from :func:`~brainage_hpc.evaluation.predict.load_model`.
         manifest: the shards' manifest.
         split: split name (``train``, ``val``, ``test``).
         batch_size: volumes per forward pass.
@@ -69,7 +69,7 @@ def predict_split(lm: LoadedModel, manifest: Manifest, split: str, batch_size: i
     from torch.utils.data import DataLoader
 
     from brainage_hpc.data.dataset import ShardDataset
-    from brainage_hpc.predict import predict_batch
+    from brainage_hpc.evaluation.predict import predict_batch
 
     ds = ShardDataset(manifest, split, task=lm.task)
     loader = DataLoader(ds, batch_size=max(1, batch_size), shuffle=False, num_workers=0)
@@ -112,7 +112,7 @@ def compute_metrics(
         (metrics dict as written to ``metrics.json`` minus the run fields,
         bias-corrected ages (N,) or ``None`` when no correction could be fitted).
     """
-    from brainage_hpc.metrics import (
+    from brainage_hpc.evaluation.metrics import (
         apply_bias_correction,
         baseline_metrics,
         classification_metrics,
@@ -281,7 +281,7 @@ def evaluate_run(
         ValueError: unknown split, a model/shard shape mismatch, or an unusable checkpoint.
     """
     from brainage_hpc.data.shards import load_manifest
-    from brainage_hpc.predict import load_model
+    from brainage_hpc.evaluation.predict import load_model
     from brainage_hpc.report import write_csv, write_json
 
     lm = load_model(run, device)

@@ -1,0 +1,1 @@
+"""Evaluation and inference: load a trained model, predict, metrics, bias correction."""
