@@ -32,6 +32,8 @@ __all__ = ["PLAN_NAME", "WorkerPool", "fit_landmarks", "merge_shards", "process_
 
 logger = logging.getLogger("brainage_hpc.preprocess")
 PLAN_NAME = "plan.json"
+# per-subject keys of manifest.json (contract 3: readers accept manifests without cohort/site/group/session)
+_MANIFEST_SUBJECT_KEYS = ("age", "age_bin", "sex", "family_id", "cohort", "site", "group", "session", "index")
 _MAX_LANDMARK_SUBJECTS = 200
 
 
@@ -158,9 +160,10 @@ class WorkerPool:
 
 
 def _assigned(plan: dict[str, Any], k: int) -> list[dict[str, Any]]:
+    from brainage_hpc.ingest.plan import SUBJECT_KEYS
+
     size = plan["shard_size"]
-    keys = ("id", "age", "age_bin", "sex", "family_id")
-    return [{key: r[key] for key in keys} for r in plan["subjects"][k * size : (k + 1) * size]]
+    return [{key: r.get(key) for key in SUBJECT_KEYS} for r in plan["subjects"][k * size : (k + 1) * size]]
 
 
 def _sidecar_ok(out: Path, k: int, plan: dict[str, Any], sha: str | None = None) -> bool:
@@ -284,7 +287,7 @@ def merge_shards(out: str | Path, max_fail_fraction: float = 0.1, known_hashes: 
             continue
         shards.append({"file": rec["file"], "sha256": rec["sha256"], "n": rec["n"]})
         for s in rec["subjects"]:
-            subjects[s["id"]] = {key: s[key] for key in ("age", "age_bin", "sex", "family_id", "index")} | {"shard": k}
+            subjects[s["id"]] = {key: s.get(key) for key in _MANIFEST_SUBJECT_KEYS} | {"shard": k}
         failures += rec["failures"]
     if missing:
         shown = ", ".join(str(k) for k in missing[:10]) + (" ..." if len(missing) > 10 else "")
