@@ -7,7 +7,8 @@ One run does four things:
    histogram landmarks on the training split if asked, assign subjects to shards
    in ID order (``--shard-size`` each) and write ``plan.json``;
 2. process the selected shards with a process pool, skipping shards whose
-   sidecar ``shard-XXXXX.json`` records the sha256 of the file on disk;
+   sidecar ``shard-XXXXX.json`` records the sha256 of the file on disk and the
+   unchanged path, size and mtime of every input scan (``--force`` redoes all);
 3. write each shard atomically, then its sidecar, so ``kill -9`` loses at most
    the shard being written and a rerun produces byte-identical files;
 4. merge the sidecars into ``manifest.json`` and ``failures.csv`` (a full run
@@ -82,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write plan.json (subjects, splits, histogram landmarks) and stop; array tasks reuse it",
     )
     parser.add_argument("--merge", action="store_true", help="only merge finished shards into manifest.json")
+    parser.add_argument(
+        "--force", action="store_true", help="redo every selected shard (default: redo only missing, damaged or stale ones)"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -136,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 0
         try:
-            hashes = process_shards(plan, out, selected, pool, progress=not args.no_progress)
+            hashes = process_shards(plan, out, selected, pool, progress=not args.no_progress, force=args.force)
         except BrokenProcessPool:
             print(
                 "brainage preprocess: error: a worker process died (out of memory? try fewer --workers); "
