@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from brainage_hpc.engine.checkpoint import export_state_dict
+    from brainage_hpc.outputs import check_output_file
 
-    path = export_state_dict(args.run_dir, args.out, which=args.which)
+    out = check_output_file(args.out, "--out") if args.out else None
+    path = export_state_dict(args.run_dir, out, which=args.which)
     print(f"wrote {path}")
     return 0

@@ -1,10 +1,9 @@
-"""Inference with a trained run: load the model, predict batches, predict raw NIfTI files.
+"""Inference with a trained run: load the model, predict batches.
 
 A run folder (plain or DeepSpeed) or an exported ``model.pt`` carries everything
 inference needs: weights, the run config, the volume shape, the shard grid's
-affine and the preprocessing config. :func:`predict_files` applies exactly the
-preprocessing the shards were built with (:func:`~brainage_hpc.ingest.preprocess.preprocess_volume`),
-so a raw T1w of any shape, voxel size and orientation can be scored.
+affine and the preprocessing config. Scoring NIfTI files (a cohort, resumable,
+in parallel) is :mod:`brainage_hpc.evaluation.cohort_predict`.
 
 Every model gives, per subject, ``pred_age`` (years) and, where it can, the
 4-class seed bin and the 2-class (<31 vs >=31) prediction, so every run can be
@@ -20,10 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,14 +30,11 @@ from torch import nn
 from brainage_hpc.config import RunConfig
 
 __all__ = [
-    "FilePrediction",
     "LoadedModel",
     "SEX_CHOICES",
     "class_centres",
-    "find_nifti",
     "load_model",
     "predict_batch",
-    "predict_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -202,92 +197,3 @@ def predict_batch(lm: LoadedModel, image: torch.Tensor, sex: torch.Tensor) -> di
         bin4 = np.array([age_to_bin(float(a)) if np.isfinite(a) else -1 for a in age], dtype=np.int64)
         class2 = np.where(bin4 >= 0, (bin4 >= 2).astype(np.int64), -1)
     return {"pred_age": np.asarray(age, dtype=np.float64), "bin4_pred": bin4, "class2_pred": class2, "probs": probs}
-
-
-@dataclass
-class FilePrediction:
-    """Result for one input file: predictions, or the one-line error that stopped it."""
-
-    file: str
-    pred_age: float | None = None
-    bin4_pred: int | None = None
-    class2_pred: int | None = None
-    probs: list[float] = dataclasses.field(default_factory=list)
-    error: str | None = None
-
-
-def find_nifti(inputs: Sequence[str | Path]) -> tuple[list[Path], list[FilePrediction]]:
-    """Expand files and folders into NIfTI files (``*.nii``, ``*.nii.gz``; folders recursively, sorted).
-
-    Returns:
-        (files to process, error records for inputs that do not exist or hold no NIfTI).
-    """
-    files: list[Path] = []
-    errors: list[FilePrediction] = []
-    for raw in inputs:
-        p = Path(raw)
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.name.endswith((".nii", ".nii.gz")))
-            if not found:
-                errors.append(FilePrediction(str(p), error=f"{p}: folder holds no .nii or .nii.gz file"))
-            files += found
-        elif p.exists():
-            files.append(p)
-        else:
-            errors.append(FilePrediction(str(p), error=f"{p}: no such file or folder"))
-    return files, errors
-
-
-def predict_files(
-    lm: LoadedModel, paths: Sequence[str | Path], sex: Literal["M", "F", "unknown"] = "unknown"
-) -> list[FilePrediction]:
-    """Preprocess raw T1w NIfTI files as the run's shards were, then predict each.
-
-    A file that cannot be read or is not one 3D volume gets a one-line ``error`` naming it;
-    the other files are still processed.
-
-    Args:
-        lm: the loaded model.
-        paths: NIfTI files (any shape, voxel size, orientation; skull-stripped).
-        sex: ``"M"``, ``"F"``, or ``"unknown"`` (mean of the predictions for both sexes;
-            models that ignore sex give the same answer).
-
-    Returns:
-        One :class:`FilePrediction` per path, in order.
-    """
-    from brainage_hpc.ingest.preprocess import PreprocessConfig, preprocess_volume
-
-    if sex not in SEX_CHOICES:
-        raise ValueError(f"sex={sex!r} is not valid. Valid: {', '.join(SEX_CHOICES)}")
-    if not lm.preprocess:
-        raise ValueError(f"{lm.source}: the run recorded no preprocessing config; cannot prepare raw NIfTI files")
-    pcfg = PreprocessConfig.from_dict(lm.preprocess)
-    if tuple(pcfg.shape) != tuple(lm.shape):
-        raise ValueError(f"{lm.source}: preprocessing shape {pcfg.shape} differs from the model's {lm.shape}")
-    sexes = [1.0, 0.0] if sex == "unknown" else [1.0 if sex == "M" else 0.0]
-    results: list[FilePrediction] = []
-    for path in paths:
-        try:
-            vol = preprocess_volume(path, pcfg)  # (D, H, W) float16
-        except (OSError, ValueError) as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            results.append(FilePrediction(str(path), error=msg if str(path) in msg else f"{path}: {msg}"))
-            continue
-        image = torch.from_numpy(vol.astype(np.float32))[None, None].expand(len(sexes), 1, *vol.shape)
-        out = predict_batch(lm, image, torch.tensor(sexes))
-        probs = out["probs"].mean(0)
-        age = float(out["pred_age"].mean())
-        if not np.isfinite(age):
-            results.append(FilePrediction(str(path), error=f"{path}: the model gave a non-finite prediction"))
-            continue
-        if lm.n_classes == 4:
-            bin4, class2 = int(probs.argmax()), int(probs[2:].sum() >= 0.5)
-        elif lm.n_classes == 2:
-            bin4, class2 = None, int(probs.argmax())
-        else:
-            from brainage_hpc.data.ages import age_to_bin
-
-            bin4 = age_to_bin(age)
-            class2 = int(bin4 >= 2)
-        results.append(FilePrediction(str(path), age, bin4, class2, [float(p) for p in probs]))
-    return results
