@@ -24,7 +24,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from brainage_hpc.evaluation.parts import (
 from brainage_hpc.evaluation.scans import collect_scans, scan_key
 from brainage_hpc.outputs import check_output_file, prepare_output_dir
 
-__all__ = ["PREEMPT_EXIT_CODE", "PredictRequest", "exit_code_for_signal", "run_merge", "run_predict"]
+__all__ = ["PREEMPT_EXIT_CODE", "PredictRequest", "array_plan", "exit_code_for_signal", "load_for_scoring", "run_merge", "run_predict"]
 
 PREEMPT_EXIT_CODE = 3  # contract 1: stopped by SIGUSR1, requeue wanted
 _MAX_LISTED = 20
@@ -102,22 +102,35 @@ def _current_key(path: str) -> tuple[str, int, int]:
         return (os.path.abspath(path), -1, -1)
 
 
+def array_plan(parts_dir: Path, inputs: Sequence[str], tasks: int) -> Plan:
+    """The plan of a K-task array run: the one in ``parts_dir``, or a new one (first writer wins).
+
+    Resubmitting the same array continues it; another task count or other inputs are refused.
+
+    Raises:
+        ValueError: ``tasks`` < 1, or the folder holds a plan for other inputs or another task count.
+    """
+    if tasks < 1:
+        raise ValueError(f"--tasks must be >= 1, got {tasks}")
+    plan = read_plan(parts_dir)
+    if plan is None:
+        scans, failures = collect_scans(inputs)
+        plan = write_plan(parts_dir, Plan(scans, failures, tasks, list(inputs)), replace=False)
+    if plan.tasks != tasks or (inputs and plan.inputs != list(inputs)):
+        raise ValueError(
+            f"{parts_dir / 'plan.json'}: holds a plan for {plan.tasks} task(s) over inputs {plan.inputs}, "
+            f"not --tasks {tasks} over {list(inputs)}; use another --out, or delete that folder to start over"
+        )
+    return plan
+
+
 def _plan_for(req: PredictRequest, parts_dir: Path) -> Plan:
     if req.task is None:
         scans, failures = collect_scans(req.inputs)
         return write_plan(parts_dir, Plan(scans, failures, 1, list(req.inputs)), replace=True)
-    if req.tasks < 1 or not 0 <= req.task < req.tasks:
+    if not 0 <= req.task < req.tasks:
         raise ValueError(f"--task-id {req.task} is outside 0..{req.tasks - 1} for --tasks {req.tasks}")
-    plan = read_plan(parts_dir)
-    if plan is None:
-        scans, failures = collect_scans(req.inputs)
-        plan = write_plan(parts_dir, Plan(scans, failures, req.tasks, list(req.inputs)), replace=False)
-    if plan.tasks != req.tasks or (req.inputs and plan.inputs != list(req.inputs)):
-        raise ValueError(
-            f"{parts_dir / 'plan.json'}: holds a plan for {plan.tasks} task(s) over inputs {plan.inputs}, "
-            f"not --tasks {req.tasks} over {list(req.inputs)}; use another --out, or delete that folder to start over"
-        )
-    return plan
+    return array_plan(parts_dir, req.inputs, req.tasks)
 
 
 def _session(event: str, task: int, tasks: int, **extra: Any) -> dict[str, Any]:
@@ -158,11 +171,16 @@ def _merge_locked(parts_dir: Path, plan: Plan, out: Path, report: bool, say: Cal
     return summary
 
 
-def _load(req: PredictRequest) -> tuple[Any, Any]:
+def load_for_scoring(checkpoint: str, device: str | None) -> tuple[Any, Any]:
+    """The model and its ``PreprocessConfig``, checked to fit each other.
+
+    Raises:
+        FileNotFoundError, ValueError: no such checkpoint, not a model, no preprocessing recorded.
+    """
     from brainage_hpc.evaluation.predict import load_model
     from brainage_hpc.ingest.preprocess import PreprocessConfig
 
-    lm = load_model(req.checkpoint, req.device)
+    lm = load_model(checkpoint, device)
     if not lm.preprocess:
         raise ValueError(f"{lm.source}: the run recorded no preprocessing config; cannot prepare NIfTI files")
     pcfg = PreprocessConfig.from_dict(lm.preprocess)
@@ -183,7 +201,7 @@ def run_predict(req: PredictRequest, say: Callable[..., None] = _say) -> int:
         FileNotFoundError, ValueError: bad checkpoint, plan mismatch (one line each).
     """
     out = check_output_file(req.out, "--out") if req.out else None
-    lm, pcfg = _load(req)
+    lm, pcfg = load_for_scoring(req.checkpoint, req.device)
     tmp = None
     if out is None:
         tmp = tempfile.mkdtemp(prefix="brainage-predict-")

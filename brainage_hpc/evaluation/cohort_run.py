@@ -83,15 +83,19 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._pid = os.getpid()
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a forked preprocessing worker inherited the handler: the main process decides
+            return
         if self.signum is None:
             self.signum = signum
             print(f"brainage predict: got {signal.Signals(signum).name}: stopping after the batch in progress",
                   file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopRequest:
+        self._pid = os.getpid()
         for sig in _STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
