@@ -19,9 +19,18 @@ SHAPE = (16, 16, 16)
 VOXEL_MM = 10.0
 
 
+TINY_PARAMS = "{depth: 2, width: 4, dropout: 0.1, padding: same}"
+DEMO_PARAMS = "{depth: 3, width: 8, dropout: 0.1, padding: valid}"  # cnn_demo.yaml's network
+
+
 def make_model_bundle(path: Path, shape: tuple[int, int, int] = SHAPE, voxel_mm: float = VOXEL_MM,
-                      task: str = "regress", seed: int = 0) -> Path:
-    """Write an exported ``model.pt`` of a tiny CNN (random weights) with a preprocessing config."""
+                      task: str = "regress", seed: int = 0, params: str = TINY_PARAMS, spread: float = 1.0,
+                      extra: dict | None = None) -> Path:
+    """Write an exported ``model.pt`` of a CNN with random weights and a preprocessing config.
+
+    ``spread`` scales the last layer so that predictions differ by years between inputs
+    (a random network otherwise answers nearly the same age for everything).
+    """
     import torch
 
     from brainage_hpc.config import config_to_dict, load_config
@@ -31,10 +40,12 @@ def make_model_bundle(path: Path, shape: tuple[int, int, int] = SHAPE, voxel_mm:
 
     cfg = load_config("cnn_demo", [
         f"data.shape=[{shape[0]},{shape[1]},{shape[2]}]", "model.name=cnn3d", f"model.task={task}",
-        "model.params={depth: 2, width: 4, dropout: 0.1, padding: same}",
+        f"model.params={params}",
     ])
     torch.manual_seed(seed)
     model = build_model(cfg.model, shape).eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(spread)
     pcfg = PreprocessConfig(shape=shape, voxel_mm=voxel_mm)
     bundle = {
         "format": "brainage-model",
@@ -44,6 +55,7 @@ def make_model_bundle(path: Path, shape: tuple[int, int, int] = SHAPE, voxel_mm:
         "preprocess": pcfg.to_dict(),
         "affine": None,
         "step": 0,
+        **(extra or {}),
     }
     atomic_torch_save(bundle, path)
     return path

@@ -35,6 +35,7 @@ __all__ = [
     "class_centres",
     "load_model",
     "predict_batch",
+    "read_calibration",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ class LoadedModel:
         preprocess: preprocessing config of the shards (``PreprocessConfig.to_dict()``).
         step: training step of the weights.
         source: run folder or model file the weights came from.
-        device: where the model lives.
+        device: where the model lives (CPU for ONNX/TorchScript exports).
+        fingerprint: preprocessing fingerprint of the training shards (contract 4), when recorded.
+        calibration: the run's ``calibration.json`` (contract 7), when present.
     """
 
     model: nn.Module
@@ -83,6 +86,8 @@ class LoadedModel:
     step: int | None
     source: Path
     device: torch.device
+    fingerprint: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
 
     @property
     def task(self) -> str:
@@ -111,11 +116,11 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None) -> LoadedModel:
-    """Load a run folder (plain or DeepSpeed) or an exported ``model.pt`` for inference.
+    """Load a run folder (plain or DeepSpeed), an exported ``model.pt``, ``.onnx`` or TorchScript file.
 
     Args:
         path: run folder or checkpoint/model file.
-        device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
+        device: ``"cpu"``, ``"cuda"``...; default CUDA when available (ONNX/TorchScript run on CPU).
 
     Returns:
         The :class:`LoadedModel` in eval mode.
@@ -126,11 +131,15 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Lo
     """
     from brainage_hpc.config import ConfigError, config_from_dict
     from brainage_hpc.engine.checkpoint import load_inference_bundle
+    from brainage_hpc.evaluation.exported import is_exported_file
     from brainage_hpc.models.registry import build_model
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run folder or checkpoint file")
+    kind = is_exported_file(path)
+    if kind is not None:
+        return _load_exported(path, kind)
     bundle = load_inference_bundle(path)
     try:
         cfg = config_from_dict(dict(bundle["config"]), source=str(path))
@@ -161,6 +170,50 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Lo
         step=bundle.get("step"),
         source=path,
         device=dev,
+        fingerprint=bundle.get("fingerprint"),
+        calibration=bundle.get("calibration") or read_calibration(path),
+    )
+
+
+def read_calibration(path: Path) -> dict[str, Any] | None:
+    """A run folder's ``calibration.json`` (contract 7), or None (also for a file).
+
+    Raises:
+        ValueError: the file exists but is not readable JSON.
+    """
+    import json
+
+    target = path / "calibration.json" if path.is_dir() else None
+    if target is None or not target.exists():
+        return None
+    try:
+        data = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{target}: unreadable calibration ({type(exc).__name__}: {exc})") from None
+    return data if isinstance(data, dict) else None
+
+
+def _load_exported(path: Path, kind: Any) -> LoadedModel:
+    from brainage_hpc.config import ConfigError, config_from_dict
+    from brainage_hpc.evaluation.exported import load_exported
+
+    module, meta = load_exported(path, kind)
+    try:
+        cfg = config_from_dict(dict(meta["config"]), source=str(path))
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: export holds no usable run config ({exc})") from None
+    shape = tuple(int(s) for s in meta["shape"])
+    return LoadedModel(
+        model=module.eval(),
+        cfg=cfg,
+        shape=shape,  # type: ignore[arg-type]
+        affine=np.asarray(meta.get("affine") if meta.get("affine") is not None else np.eye(4), dtype=np.float64),
+        preprocess=dict(meta.get("preprocess") or {}),
+        step=meta.get("step"),
+        source=path,
+        device=torch.device("cpu"),
+        fingerprint=meta.get("fingerprint"),
+        calibration=meta.get("calibration"),
     )
 
 
