@@ -67,7 +67,8 @@ def write_shard(
     Args:
         path: final ``shard-XXXXX.h5`` path.
         images: (N, 1, D, H, W) float16.
-        subjects: N dicts with ``id``, ``age`` (years or ``None``), ``age_bin``, ``sex``.
+        subjects: N dicts with ``id``, ``age`` (years or ``None``), ``age_bin``, ``sex``, and
+            optionally ``cohort`` and ``site`` (stored as utf-8 datasets when any subject has them).
         voxel_mm: voxel size of the volumes in mm.
         affine: (4, 4) nominal RAS affine of the grid.
         preprocess: preprocessing config as a dict (stored as JSON).
@@ -112,6 +113,14 @@ def write_shard(
         f.create_dataset("age", data=ages, dtype=np.float32, track_times=False)
         f.create_dataset("age_bin", data=np.array([s["age_bin"] for s in subjects], dtype=np.int8), track_times=False)
         f.create_dataset("sex", data=np.array([s["sex"] for s in subjects], dtype=np.int8), track_times=False)
+        for key in ("cohort", "site"):  # contract 3: optional, readers accept shards without them
+            if any(s.get(key) is not None for s in subjects):
+                f.create_dataset(
+                    key,
+                    data=np.array([str(s.get(key) or "") for s in subjects], dtype=object),
+                    dtype=h5py.string_dtype("utf-8"),
+                    track_times=False,
+                )
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["package_version"] = __version__
         f.attrs["orientation"] = "RAS"

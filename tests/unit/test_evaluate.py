@@ -11,7 +11,8 @@ import pytest
 
 from brainage_hpc.cli import main
 from brainage_hpc.evaluation.evaluate import compute_metrics
-from brainage_hpc.evaluation.predict import class_centres, find_nifti
+from brainage_hpc.evaluation.predict import class_centres
+from brainage_hpc.evaluation.scans import find_nifti
 from brainage_hpc.report import SEED_REFERENCE, atomic_path, reference_table, write_report
 
 
