@@ -218,6 +218,7 @@ def run_predict(req: PredictRequest, say: Callable[..., None] = _say) -> int:
             if skipped:
                 say(f"brainage predict: {skipped} scan(s) already scored, {len(todo)} to do", True)
             writer.append([_session("start", task, plan.tasks, todo=len(todo), skipped=skipped, device=str(lm.device),
+                                    model=str(lm.source),
                                     workers=req.options.workers, batch_size=req.options.batch_size)])
             outcome: ScoreOutcome = score_scans(lm, pcfg, todo, writer, req.options, stop, task)
             writer.append([_session("end", task, plan.tasks, scored=outcome.scored, failed=outcome.failed,
