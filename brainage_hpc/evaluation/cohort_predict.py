@@ -41,7 +41,7 @@ from brainage_hpc.evaluation.parts import (
     read_records,
     write_plan,
 )
-from brainage_hpc.evaluation.scans import collect_scans, scan_key
+from brainage_hpc.evaluation.scans import collect_scans, failure_message, scan_key
 from brainage_hpc.outputs import check_output_file, prepare_output_dir
 
 __all__ = ["PREEMPT_EXIT_CODE", "PredictRequest", "array_plan", "exit_code_for_signal", "load_for_scoring", "run_merge", "run_predict"]
@@ -140,7 +140,7 @@ def _session(event: str, task: int, tasks: int, **extra: Any) -> dict[str, Any]:
 
 def _report_merge(summary: MergeSummary, out: Path | None, plan: Plan, say: Callable[..., None]) -> None:
     for failure in plan.failures:
-        say(f"brainage predict: error: {failure.error}", True)
+        say(f"brainage predict: error: {failure_message(failure)}", True)
     for name, n in summary.missing_parts.items():
         say(f"brainage predict: part {name} is missing: {n} scan(s) not scored", True)
     for name, n in summary.incomplete_parts.items():
@@ -218,6 +218,7 @@ def run_predict(req: PredictRequest, say: Callable[..., None] = _say) -> int:
             if skipped:
                 say(f"brainage predict: {skipped} scan(s) already scored, {len(todo)} to do", True)
             writer.append([_session("start", task, plan.tasks, todo=len(todo), skipped=skipped, device=str(lm.device),
+                                    model=str(lm.source),
                                     workers=req.options.workers, batch_size=req.options.batch_size)])
             outcome: ScoreOutcome = score_scans(lm, pcfg, todo, writer, req.options, stop, task)
             writer.append([_session("end", task, plan.tasks, scored=outcome.scored, failed=outcome.failed,

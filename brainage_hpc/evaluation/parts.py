@@ -26,11 +26,11 @@ import socket
 import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from brainage_hpc.evaluation.scans import ScanFailure, ScanItem
+from brainage_hpc.evaluation.scans import Failure, ScanRecord
 from brainage_hpc.outputs import OutputError
 
 __all__ = [
@@ -69,8 +69,8 @@ class Plan:
     Task ``i`` of ``K`` scores the contiguous slice ``[i*N//K, (i+1)*N//K)`` of ``scans``.
     """
 
-    scans: list[ScanItem]
-    failures: list[ScanFailure] = field(default_factory=list)
+    scans: list[ScanRecord]
+    failures: list[Failure] = field(default_factory=list)
     tasks: int = 1
     inputs: list[str] = field(default_factory=list)
     created: str = ""
@@ -94,18 +94,23 @@ class Plan:
             "tasks": self.tasks,
             "inputs": list(self.inputs),
             "scans": [s.to_dict() for s in self.scans],
-            "failures": [{"source": f.source, "error": f.error} for f in self.failures],
+            "failures": [asdict(f) for f in self.failures],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         return cls(
-            scans=[ScanItem.from_dict(s) for s in data["scans"]],
-            failures=[ScanFailure(str(f["source"]), str(f["error"])) for f in data.get("failures", [])],
+            scans=[_record(s) for s in data["scans"]],
+            failures=[Failure(str(f["subject"]), str(f["file"]), str(f["reason"])) for f in data.get("failures", [])],
             tasks=int(data["tasks"]),
             inputs=[str(i) for i in data.get("inputs", [])],
             created=str(data.get("created", "")),
         )
+
+
+def _record(data: dict[str, Any]) -> ScanRecord:
+    names = ScanRecord.__dataclass_fields__
+    return ScanRecord(**{k: v for k, v in data.items() if k in names})
 
 
 def read_plan(parts_dir: Path) -> Plan | None:

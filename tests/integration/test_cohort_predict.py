@@ -200,3 +200,19 @@ def test_docstring_examples():
     import brainage_hpc.evaluation.scan_input as scan_input
 
     assert doctest.testmod(scan_input).failed == 0
+
+
+def test_bids_root_with_sessions_gives_one_row_per_session(tmp_path, tiny_model, synth_subjects):
+    from brainage_hpc.ingest.bids_writer import BidsScan, write_bids
+
+    src = sorted(synth_subjects.rglob("*.nii.gz"))
+    scans = [BidsScan(f"{p}{i}", ses, str(src[(2 * i + j) % len(src)]), 30.0 + i + 2 * j, "MF"[i % 2], f"site{p}")
+             for p in "ab" for i in range(2) for j, ses in enumerate(("1", "2"))]
+    root = write_bids(tmp_path / "bids", scans)
+    out = tmp_path / "pred.csv"
+    assert _predict(tiny_model, [root], out) == 0
+    df = pd.read_csv(out, dtype={"session": str})
+    assert len(df) == 8 and df["pred_age"].notna().all()
+    assert sorted(zip(df["subject"], df["session"]))[:2] == [("sub-a0", "1"), ("sub-a0", "2")]
+    assert set(df["site"]) == {"sitea", "siteb"} and df["age"].notna().all()
+    assert "| sitea | 4 |" in (tmp_path / "pred_report.md").read_text()
