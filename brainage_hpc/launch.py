@@ -213,7 +213,10 @@ def _grid(args: argparse.Namespace) -> list[SweepPoint]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Other launcher modes (e.g. `predict`) dispatch on argv[0] here, before the training parser.
+    if argv[:1] == ["predict"]:  # cohort scoring array: evaluation/predict_job.py
+        from brainage_hpc.evaluation.predict_job import main as predict_main
+
+        return predict_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
