@@ -203,6 +203,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["predict"]:  # cohort scoring array: evaluation/predict_job.py
+        from brainage_hpc.evaluation.predict_job import main as predict_main
+        return predict_main((sys.argv[1:] if argv is None else argv)[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     launch_overrides = [

@@ -1,12 +1,14 @@
-"""``brainage preprocess``: HCP subject folders -> verified HDF5 shards, manifest and splits.
+"""``brainage preprocess``: cohorts (HCP, BIDS, CSV tables) -> verified HDF5 shards, manifest and splits.
 
 One run does four things:
 
-1. plan: discover subjects, join the CSVs, make (or import) the splits, fit
+1. plan: read the cohorts (``--hcp-root`` and/or ``--cohort`` any number of
+   times), join labels, make (or import) the splits, fit
    histogram landmarks on the training split if asked, assign subjects to shards
    in ID order (``--shard-size`` each) and write ``plan.json``;
 2. process the selected shards with a process pool, skipping shards whose
-   sidecar ``shard-XXXXX.json`` records the sha256 of the file on disk;
+   sidecar ``shard-XXXXX.json`` records the sha256 of the file on disk and the
+   unchanged path, size and mtime of every input scan (``--force`` redoes all);
 3. write each shard atomically, then its sidecar, so ``kill -9`` loses at most
    the shard being written and a rerun produces byte-identical files;
 4. merge the sidecars into ``manifest.json`` and ``failures.csv`` (a full run
@@ -20,7 +22,6 @@ tasks never write the same file.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import os
@@ -38,6 +39,14 @@ logger = logging.getLogger("brainage_hpc.preprocess")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hcp-root", help="folder of <subject>/T1w/T1w_acpc_dc_restore_brain.nii.gz (+ CSVs)")
+    parser.add_argument(
+        "--cohort",
+        action="append",
+        default=[],
+        metavar="[NAME=][KIND:]PATH",
+        help="a cohort to add (repeatable): a BIDS root, a CSV/TSV table (subject,path,age,sex[,site,session,group]) "
+        "or an HCP root; KIND (bids, csv, hcp) is detected when omitted, NAME defaults to the folder/file name",
+    )
     parser.add_argument("--out", required=True, help="output folder for shards, manifest.json, failures.csv")
     parser.add_argument("--unrestricted", help="unrestricted CSV (default: unrestricted*.csv in --hcp-root)")
     parser.add_argument(
@@ -74,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write plan.json (subjects, splits, histogram landmarks) and stop; array tasks reuse it",
     )
     parser.add_argument("--merge", action="store_true", help="only merge finished shards into manifest.json")
+    parser.add_argument(
+        "--force", action="store_true", help="redo every selected shard (default: redo only missing, damaged or stale ones)"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -94,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
             return merge_shards(out, args.max_fail_fraction)
         except (FileNotFoundError, ValueError) as exc:
             return _fail(str(exc))
-    if not args.hcp_root:
-        return _fail("--hcp-root is required (or pass --merge)")
+    if not args.hcp_root and not args.cohort:
+        return _fail("--hcp-root or --cohort is required (or pass --merge)")
     if args.shard_size < 1 or args.workers < 1 or args.shards_per_task < 1:
         return _fail("--shard-size, --workers and --shards-per-task must be >= 1")
     try:
@@ -128,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 0
         try:
-            hashes = process_shards(plan, out, selected, pool, progress=not args.no_progress)
+            hashes = process_shards(plan, out, selected, pool, progress=not args.no_progress, force=args.force)
         except BrokenProcessPool:
             print(
                 "brainage preprocess: error: a worker process died (out of memory? try fewer --workers); "
@@ -152,52 +164,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build_plan(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
-    from brainage_hpc.ingest.hcp import discover_subjects
-    from brainage_hpc.ingest.splits import import_seed_splits, make_splits
+    from brainage_hpc.ingest.cohorts import CohortSpec, parse_cohort_arg
+    from brainage_hpc.ingest.plan import build_plan
 
-    cohort = discover_subjects(args.hcp_root, args.unrestricted, args.restricted)
-    for f in cohort.failures:
-        logger.warning("skipping subject %s: %s (%s)", f.subject, f.reason, f.file)
-    records = cohort.records
-    if not records:
-        raise ValueError(
-            f"--hcp-root {args.hcp_root}: no usable subjects ({len(cohort.failures)} failed); see the warnings"
-        )
-    ids = {r.id for r in records}
-    if args.seed_splits:
-        imported = import_seed_splits(args.seed_splits)
-        splits = {k: [s for s in v if s in ids] for k, v in imported.items()}
-        unknown = sum(len(v) for v in imported.values()) - sum(len(v) for v in splits.values())
-        unassigned = len(ids - {s for v in splits.values() for s in v})
-        if unknown or unassigned:
-            logger.warning(
-                "seed splits: %d IDs not in this cohort ignored; %d subjects in no split", unknown, unassigned
-            )
-        split_info: dict[str, Any] = {"method": "imported", "source": str(Path(args.seed_splits).resolve())}
-    else:
-        splits = make_splits(records, tuple(args.split_fractions), seed=args.split_seed)
-        split_info = {
-            "method": "stratified age_bin x sex, family-aware",
-            "seed": args.split_seed,
-            "fractions": list(args.split_fractions),
-        }
-    return {
-        "format_version": 1,
-        "preprocess": cfg.to_dict(),
-        "preprocess_hash": cfg.config_hash(),
-        "shard_size": args.shard_size,
-        "compression": args.compression,
-        "subjects": [r.to_dict() for r in records],
-        "failures": [dataclasses.asdict(f) for f in cohort.failures],
-        "splits": splits,
-        "split_info": split_info,
-        "source": {
-            "hcp_root": str(Path(args.hcp_root).resolve()),
-            "unrestricted": str(cohort.unrestricted.resolve()),
-            "restricted": str(cohort.restricted.resolve()) if cohort.restricted else None,
-            "csv_rows_without_folder": cohort.n_csv_only,
-        },
-    }
+    specs = []
+    if args.hcp_root:
+        specs.append(CohortSpec(kind="hcp", path=args.hcp_root, unrestricted=args.unrestricted, restricted=args.restricted))
+    specs += [parse_cohort_arg(text) for text in args.cohort]
+    return build_plan(
+        specs,
+        cfg.to_dict(),
+        cfg.config_hash(),
+        shard_size=args.shard_size,
+        compression=args.compression,
+        split_fractions=args.split_fractions,
+        split_seed=args.split_seed,
+        seed_splits=args.seed_splits,
+    )
 
 
 def _select_shards(args: argparse.Namespace, n_subjects: int, n_shards: int, size: int) -> tuple[list[int], bool]:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from brainage_hpc.data.ages import AGE_BINS, sex_code
+from brainage_hpc.data.ages import AGE_BINS, age_to_bin, sex_code
 
 __all__ = [
     "T1W_RELPATH",
@@ -236,6 +236,17 @@ def discover_subjects(
         age = _parse_age(r_row.get("Age_in_Yrs", "")) if r_row else None
         if r_row and age is None:
             logger.warning("%s: subject %s has no valid Age_in_Yrs; using the age bin only", r_path, subject)
+        if age is not None and age_to_bin(age) != AGE_BINS[bin_label]:
+            # one of the two tables is wrong, and we cannot tell which: never store either silently
+            failures.append(
+                Failure(
+                    subject,
+                    str(r_path),
+                    f"restricted Age_in_Yrs {age:g} contradicts the unrestricted age bin {bin_label} "
+                    f"({u_path.name}); fix one of the tables",
+                )
+            )
+            continue
         family = r_row.get("Family_ID") or None
         records.append(SubjectRecord(subject, str(t1w), age, AGE_BINS[bin_label], sex, family))
     folder_names = {p.name for p in folders}

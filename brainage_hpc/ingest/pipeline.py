@@ -8,7 +8,9 @@ manager or a notebook can drive it with a ``plan`` dict alone:
 * :func:`fit_landmarks`: histogram landmarks on the training split (reused from
   ``plan.json`` when the plan is unchanged);
 * :func:`process_shards`: write every selected shard not already finished
-  (its sidecar records the sha256 of the file on disk), atomically;
+  (its sidecar records the sha256 of the file on disk and the path, size and
+  mtime of every input scan, so a changed or replaced scan redoes its shard),
+  atomically;
 * :func:`merge_shards`: sidecars -> ``manifest.json`` + ``failures.csv``.
 
 A bad subject is a ``failures.csv`` row, never the end of the run.
@@ -32,6 +34,9 @@ __all__ = ["PLAN_NAME", "WorkerPool", "fit_landmarks", "merge_shards", "process_
 
 logger = logging.getLogger("brainage_hpc.preprocess")
 PLAN_NAME = "plan.json"
+# per-subject keys of manifest.json (contract 3: readers accept manifests without cohort/site/group/session)
+_OPTIONAL = ("qc", "warnings")
+_MANIFEST_SUBJECT_KEYS = ("age", "age_bin", "sex", "family_id", "cohort", "site", "group", "session", "index", "qc", "warnings")
 _MAX_LANDMARK_SUBJECTS = 200
 
 
@@ -84,14 +89,26 @@ def _reason(exc: BaseException, path: str) -> str:
     return text[len(path) + 2 :] if text.startswith(f"{path}: ") else f"{type(exc).__name__}: {text}"
 
 
-def _preprocess_job(job: tuple[str, str, Any]) -> tuple[str, np.ndarray | None, str | None]:
-    from brainage_hpc.ingest.preprocess import preprocess_volume
+def input_stamp(path: str) -> dict[str, Any]:
+    """What identifies one input file's contents cheaply: path, size and mtime (ns); size None when absent."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return {"path": path, "size": None, "mtime_ns": None}
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _preprocess_job(job: tuple[str, str, Any]) -> tuple[str, np.ndarray | None, str | None, dict[str, Any], dict[str, Any]]:
+    """One subject -> (id, volume or None, failure reason or None, input stamp, {"qc", "warnings"})."""
+    from brainage_hpc.ingest.preprocess import prepare_volume
 
     sid, path, cfg = job
+    stamp = input_stamp(path)  # before reading: a file changed while we read it is redone next time
     try:
-        return sid, preprocess_volume(path, cfg), None
+        vol, qc, warnings = prepare_volume(path, cfg)
+        return sid, vol, None, stamp, {"qc": qc, "warnings": warnings}
     except Exception as exc:  # noqa: BLE001  (a bad subject is a failures.csv row, never the end of the run)
-        return sid, None, _reason(exc, path)
+        return sid, None, _reason(exc, path), stamp, {}
 
 
 def _percentile_job(job: tuple[str, str, Any]) -> tuple[str, np.ndarray | None, str | None]:
@@ -158,32 +175,52 @@ class WorkerPool:
 
 
 def _assigned(plan: dict[str, Any], k: int) -> list[dict[str, Any]]:
+    from brainage_hpc.ingest.plan import SUBJECT_KEYS
+
     size = plan["shard_size"]
-    keys = ("id", "age", "age_bin", "sex", "family_id")
-    return [{key: r[key] for key in keys} for r in plan["subjects"][k * size : (k + 1) * size]]
+    return [{key: r.get(key) for key in SUBJECT_KEYS} for r in plan["subjects"][k * size : (k + 1) * size]]
 
 
-def _sidecar_ok(out: Path, k: int, plan: dict[str, Any], sha: str | None = None) -> bool:
+def _stamps(plan: dict[str, Any], k: int) -> dict[str, dict[str, Any]]:
+    size = plan["shard_size"]
+    return {r["id"]: input_stamp(r["t1w"]) for r in plan["subjects"][k * size : (k + 1) * size]}
+
+
+def _sidecar_problem(out: Path, k: int, plan: dict[str, Any], sha: str | None = None) -> str | None:
+    """Why shard ``k`` must be (re)done, or ``None`` when its file, config and inputs match its sidecar."""
     from brainage_hpc.data.shards import sha256_file, shard_name
     from brainage_hpc.ingest.shard_writer import read_partial
 
     rec = read_partial(out, k)
     path = out / shard_name(k)
     if rec is None or not path.is_file():
-        return False
-    if (rec.get("preprocess_hash"), rec.get("compression"), rec.get("assigned")) != (
-        plan["preprocess_hash"],
-        plan["compression"],
-        _assigned(plan, k),
-    ):
-        return False
-    return rec.get("sha256") == (sha if sha is not None else sha256_file(path))
+        return "not written yet"
+    if (rec.get("preprocess_hash"), rec.get("compression")) != (plan["preprocess_hash"], plan["compression"]):
+        return "preprocessing config changed"
+    if rec.get("assigned") != _assigned(plan, k):
+        return "subjects or labels changed"
+    recorded = rec.get("inputs") or {}
+    changed = [sid for sid, stamp in _stamps(plan, k).items() if recorded.get(sid) != stamp]
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        return f"input of {changed[0]}{more} changed (path, size or mtime)"
+    if rec.get("sha256") != (sha if sha is not None else sha256_file(path)):
+        return "shard file differs from its record (damaged or replaced)"
+    return None
+
+
+def _sidecar_ok(out: Path, k: int, plan: dict[str, Any], sha: str | None = None) -> bool:
+    return _sidecar_problem(out, k, plan, sha) is None
 
 
 def process_shards(
-    plan: dict[str, Any], out: Path, selected: list[int], pool: WorkerPool, progress: bool
+    plan: dict[str, Any], out: Path, selected: list[int], pool: WorkerPool, progress: bool, force: bool = False
 ) -> dict[int, str]:
-    """Write every selected shard that is not already finished; return {shard: sha256} of those checked or written."""
+    """Write every selected shard that is not already finished (all with ``force``); return {shard: sha256}.
+
+    A shard is finished when its sidecar matches the plan, the file's sha256 and the
+    path, size and mtime of each of its input scans (a fixed or replaced scan redoes it).
+    """
     from tqdm import tqdm
 
     from brainage_hpc.data.shards import MANIFEST_NAME, shard_name
@@ -194,10 +231,13 @@ def process_shards(
     paths = {r["id"]: r["t1w"] for r in plan["subjects"]}
     todo, hashes = [], {}
     for k in selected:
-        if _sidecar_ok(out, k, plan):
+        problem = "--force" if force else _sidecar_problem(out, k, plan)
+        if problem is None:
             hashes[k] = read_partial(out, k)["sha256"]  # type: ignore[index]
-            logger.info("%s: already done (sha256 matches), skipping", shard_name(k))
+            logger.info("%s: already done (sha256 and inputs match), skipping", shard_name(k))
         else:
+            if problem != "not written yet":
+                logger.info("%s: redoing it (%s)", shard_name(k), problem)
             (out / (shard_name(k) + ".tmp")).unlink(missing_ok=True)
             todo.append(k)
     if not todo:
@@ -210,14 +250,18 @@ def process_shards(
         vols: list[np.ndarray] = []
         subjects: list[dict[str, Any]] = []
         failures: list[dict[str, str]] = []
+        inputs: dict[str, dict[str, Any]] = {}
         for rec in _assigned(plan, k):
-            sid, vol, reason = next(results)
+            sid, vol, reason, stamp, extra = next(results)
+            inputs[sid] = stamp
             bar.update()
             if vol is None:
                 logger.warning("skipping subject %s: %s (%s)", sid, reason, paths[sid])
                 failures.append({"subject": sid, "file": paths[sid], "reason": reason})
                 continue
-            subjects.append({**rec, "index": len(vols)})
+            for w in extra.get("warnings", []):
+                logger.warning("subject %s: %s", sid, w)
+            subjects.append({**rec, "index": len(vols), **{key: v for key, v in extra.items() if v}})
             vols.append(vol)
         images = np.stack(vols)[:, None] if vols else np.zeros((0, 1, *cfg.shape), dtype=np.float16)  # (N, 1, D, H, W)
         sha = write_shard(
@@ -240,6 +284,7 @@ def process_shards(
                 "preprocess_hash": plan["preprocess_hash"],
                 "compression": plan["compression"],
                 "assigned": _assigned(plan, k),
+                "inputs": inputs,
                 "subjects": subjects,
                 "failures": failures,
             },
@@ -284,7 +329,8 @@ def merge_shards(out: str | Path, max_fail_fraction: float = 0.1, known_hashes: 
             continue
         shards.append({"file": rec["file"], "sha256": rec["sha256"], "n": rec["n"]})
         for s in rec["subjects"]:
-            subjects[s["id"]] = {key: s[key] for key in ("age", "age_bin", "sex", "family_id", "index")} | {"shard": k}
+            subjects[s["id"]] = {key: s.get(key) for key in _MANIFEST_SUBJECT_KEYS if key in s or key not in _OPTIONAL}
+            subjects[s["id"]]["shard"] = k
         failures += rec["failures"]
     if missing:
         shown = ", ".join(str(k) for k in missing[:10]) + (" ..." if len(missing) > 10 else "")

@@ -4,7 +4,10 @@ The same :func:`preprocess_volume` runs when building shards and in
 ``brainage predict`` on raw NIfTI files of any shape and voxel size, so a model
 always sees inputs prepared the same way. Steps, in order:
 
-1. load with nibabel and check the volume (3D, finite, not all zero);
+1. load with nibabel (a ``.nii.gz`` is decompressed in memory first, so a bad gzip
+   CRC is an error, not 18 % garbage voxels) and check the volume (3D, finite, not
+   all zero, some voxels > 0, a plausible brain size and shape:
+   :mod:`brainage_hpc.ingest.plausibility`);
 2. reorient to canonical RAS (``monai.transforms.Orientation``);
 3. crop to the brain bounding box plus a margin (``CropForeground``; the input
    is skull-stripped, so the brain is every voxel > 0);
@@ -26,10 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import gzip
 import hashlib
 import itertools
 import json
 import math
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,17 +44,26 @@ import numpy as np
 
 __all__ = [
     "INTENSITY_MODES",
+    "PIPELINES",
     "PreprocessConfig",
     "apply_landmarks",
     "fit_histogram_landmarks",
     "landmarks_from_percentiles",
+    "check_skullstripped",
     "load_volume",
+    "contrast_index",
+    "prepare_volume",
     "preprocess_volume",
+    "read_nifti",
     "reference_affine",
     "subject_percentiles",
 ]
 
 INTENSITY_MODES = ("zscore", "histogram")
+PIPELINES = ("skullstripped", "raw")
+# keys added after shards of format 1 existed: left out of config_hash() while at their default,
+# so shard sets made before them keep their hash and stay readable
+_LATE_KEYS_DEFAULTS: dict[str, Any] = {"pipeline": "skullstripped"}
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
@@ -70,6 +84,9 @@ class PreprocessConfig:
         landmark_percentiles: brain-intensity percentiles used as histogram landmarks.
         landmarks: standard-scale landmark values (same length as ``landmark_percentiles``),
             fitted on the training split; ``None`` until fitted.
+        pipeline: ``"skullstripped"`` (HCP's ``*_brain`` files: background exactly 0) or
+            ``"raw"`` (scanner T1w with skull: N4, MNI registration, brain extraction first;
+            :mod:`brainage_hpc.ingest.raw`).
     """
 
     shape: tuple[int, int, int] = (128, 128, 128)
@@ -80,8 +97,10 @@ class PreprocessConfig:
     interpolation: Literal["bilinear", "nearest"] = "bilinear"
     landmark_percentiles: tuple[float, ...] = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
     landmarks: tuple[float, ...] | None = None
+    pipeline: Literal["skullstripped", "raw"] = "skullstripped"
 
     def __post_init__(self) -> None:
+        _check_option("pipeline", self.pipeline, PIPELINES)
         shape = tuple(int(s) for s in self.shape)
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"PreprocessConfig.shape must be 3 positive integers (D, H, W), got {self.shape}")
@@ -137,7 +156,8 @@ class PreprocessConfig:
 
     def config_hash(self) -> str:
         """First 16 hex digits of the sha256 of the canonical JSON of :meth:`to_dict` (stable across runs)."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        d = {k: v for k, v in self.to_dict().items() if not (k in _LATE_KEYS_DEFAULTS and v == _LATE_KEYS_DEFAULTS[k])}
+        text = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -160,6 +180,46 @@ def reference_affine(cfg: PreprocessConfig) -> np.ndarray:
     return aff
 
 
+def read_nifti(path: str | Path) -> Any:
+    """Open a NIfTI file; a gzipped one is decompressed in memory with its CRC and length checked.
+
+    nibabel reads a ``.nii.gz`` whose compressed bytes were damaged (a bad gzip
+    CRC) without an error and returns partly garbage voxels; Python's ``gzip``
+    verifies the CRC-32 and size stored at the end of every gzip member.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: bad gzip CRC or stream, truncated file, unreadable header (message starts with the path).
+    """
+    import nibabel as nib
+
+    name = str(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{name}: no such file")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+            if magic != b"\x1f\x8b":
+                return nib.load(name)
+            fh.seek(0)
+            raw = fh.read()
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot read ({exc.strerror or exc})") from exc
+    except Exception as exc:  # nibabel raises many types for corrupt headers
+        raise ValueError(f"{name}: cannot read NIfTI header ({type(exc).__name__}: {exc})") from exc
+    try:
+        raw = gzip.decompress(raw)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        detail = "bad gzip CRC" if "CRC" in str(exc) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{name}: gzip data truncated or corrupt ({detail}); copy or download the file again") from exc
+    try:
+        sizeof_hdr = int.from_bytes(raw[:4], "little")
+        kind = nib.Nifti2Image if sizeof_hdr in (540, 540 << 24) else nib.Nifti1Image
+        return kind.from_bytes(raw)
+    except Exception as exc:  # nibabel raises many types for corrupt headers
+        raise ValueError(f"{name}: cannot read NIfTI header ({type(exc).__name__}: {exc})") from exc
+
+
 def load_volume(img: Any) -> tuple[np.ndarray, np.ndarray, str]:
     """Load and check one T1w volume.
 
@@ -171,18 +231,12 @@ def load_volume(img: Any) -> tuple[np.ndarray, np.ndarray, str]:
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: unreadable or truncated file, not 3D, non-finite voxels, all zeros, constant.
+        ValueError: unreadable or truncated file, bad gzip CRC, not 3D, non-finite voxels,
+            all zeros, constant.
     """
-    import nibabel as nib
-
     name = str(img) if isinstance(img, (str, Path)) else str(getattr(img, "get_filename", lambda: None)() or "<image>")
     if isinstance(img, (str, Path)):
-        if not Path(img).is_file():
-            raise FileNotFoundError(f"{name}: no such file")
-        try:
-            img = nib.load(str(img))
-        except Exception as exc:  # nibabel raises many types for corrupt headers
-            raise ValueError(f"{name}: cannot read NIfTI header ({type(exc).__name__}: {exc})") from exc
+        img = read_nifti(img)
     shape = tuple(int(s) for s in img.shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
@@ -206,6 +260,25 @@ def load_volume(img: Any) -> tuple[np.ndarray, np.ndarray, str]:
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ValueError(f"{name}: has an invalid (singular or non-finite) affine")
     return data, affine, name
+
+
+def check_skullstripped(data: np.ndarray, affine: np.ndarray, name: str) -> dict[str, float]:
+    """Check that a skull-stripped input looks like a brain; return its size/shape QC numbers.
+
+    Raises:
+        ValueError: no voxel > 0, or an implausible extent, volume, foreground fraction
+            or shape (see :mod:`brainage_hpc.ingest.plausibility`); the message starts with ``name``.
+    """
+    from brainage_hpc.ingest.plausibility import brain_stats, implausibility
+
+    fg = data > 0
+    if not fg.any():
+        raise ValueError(f"{name}: no voxels > 0 (not skull-stripped?)")
+    stats = brain_stats(fg, affine)
+    problem = implausibility(stats)
+    if problem:
+        raise ValueError(f"{name}: {problem}")
+    return stats.to_dict()
 
 
 def _geometry(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
@@ -293,8 +366,8 @@ def subject_percentiles(img: Any, cfg: PreprocessConfig) -> np.ndarray:
     Returns:
         (K,) float64, K = ``len(cfg.landmark_percentiles)``.
     """
-    data, affine, name = load_volume(img)
-    _, vals = _brain_values(_geometry(data, affine, cfg), name)
+    vol, _, _, name = _brain_on_grid(img, cfg)
+    _, vals = _brain_values(vol, name)
     return np.percentile(vals, cfg.landmark_percentiles)
 
 
@@ -337,12 +410,56 @@ def fit_histogram_landmarks(sources: Iterable[Any], cfg: PreprocessConfig) -> tu
     return landmarks_from_percentiles(subject_percentiles(s, cfg) for s in sources)
 
 
+def _brain_on_grid(img: Any, cfg: PreprocessConfig) -> tuple[np.ndarray, dict[str, float], list[str], str]:
+    """Load, check, (raw: N4 + registration + brain extraction), crop and resample -> (vol, qc, warnings, name)."""
+    data, affine, name = load_volume(img)
+    if cfg.pipeline == "raw":
+        from brainage_hpc.ingest.raw import raw_to_brain
+
+        res = raw_to_brain(data, affine, name, cfg)
+        data, affine, qc, warnings = res.brain, res.affine, res.qc, res.warnings
+    else:
+        qc, warnings = check_skullstripped(data, affine, name), []
+        qc["contrast"] = contrast_index(data[data > 0])
+    return _geometry(data, affine, cfg), qc, warnings, name
+
+
+def contrast_index(values: np.ndarray) -> float:
+    """Robust tissue contrast of brain intensities: (P90 - P10) / P50 (about 0.5-1.2 for T1w; ~0 for a flat image)."""
+    if values.size == 0:
+        return 0.0
+    p10, p50, p90 = np.percentile(values, (10, 50, 90))
+    return round(float((p90 - p10) / p50), 4) if p50 > 0 else 0.0
+
+
+def prepare_volume(
+    img: Any, cfg: PreprocessConfig, landmarks: Iterable[float] | None = None
+) -> tuple[np.ndarray, dict[str, float], list[str]]:
+    """Like :func:`preprocess_volume`, plus the scan's QC numbers and warnings.
+
+    Returns:
+        (volume (D, H, W) float16, qc {name: number}, warnings). QC numbers: size and
+        shape of the brain (``extent_x_mm``.., ``volume_ml``, ``foreground_fraction``,
+        ``solidity``), ``contrast``, and for ``pipeline="raw"`` also the registration
+        similarity and SNR (see :mod:`brainage_hpc.ingest.raw`).
+    """
+    marks = cfg.landmarks if landmarks is None else tuple(landmarks)
+    if cfg.intensity == "histogram" and marks is None:
+        raise ValueError(
+            "intensity='histogram' needs landmarks: fit them with fit_histogram_landmarks on the training split"
+        )
+    vol, qc, warnings, name = _brain_on_grid(img, cfg)
+    out = _zscore(vol, cfg, name) if cfg.intensity == "zscore" else _histogram(vol, cfg, marks or (), name)
+    return out.astype(np.float16), qc, warnings
+
+
 def preprocess_volume(img: Any, cfg: PreprocessConfig, landmarks: Iterable[float] | None = None) -> np.ndarray:
     """Preprocess one T1w volume (see the module docstring for the steps).
 
     Args:
         img: a NIfTI path or nibabel image of any shape, voxel size and orientation;
-            skull-stripped (background exactly 0), like HCP's ``*_brain`` file.
+            skull-stripped (background exactly 0) like HCP's ``*_brain`` file for
+            ``pipeline="skullstripped"``, a scanner T1w with skull for ``pipeline="raw"``.
         cfg: preprocessing config.
         landmarks: histogram landmarks; default ``cfg.landmarks``. Needed only for
             ``intensity="histogram"``.
@@ -352,15 +469,8 @@ def preprocess_volume(img: Any, cfg: PreprocessConfig, landmarks: Iterable[float
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the file is unreadable, not 3D, non-finite, all zero or constant
-            (the message starts with the file name), or histogram landmarks are missing.
+        ValueError: the file is unreadable (bad gzip CRC, truncated), not 3D, non-finite,
+            all zero, constant, without voxels > 0, or not plausibly a brain (the message
+            starts with the file name), or histogram landmarks are missing.
     """
-    marks = cfg.landmarks if landmarks is None else tuple(landmarks)
-    if cfg.intensity == "histogram" and marks is None:
-        raise ValueError(
-            "intensity='histogram' needs landmarks: fit them with fit_histogram_landmarks on the training split"
-        )
-    data, affine, name = load_volume(img)
-    vol = _geometry(data, affine, cfg)
-    out = _zscore(vol, cfg, name) if cfg.intensity == "zscore" else _histogram(vol, cfg, marks or (), name)
-    return out.astype(np.float16)
+    return prepare_volume(img, cfg, landmarks)[0]

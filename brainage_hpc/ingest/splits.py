@@ -1,9 +1,13 @@
-"""Train/val/test splits: stratified by age bin x sex, family-aware, deterministic.
+"""Train/val/test splits: stratified (site x age x sex), group-aware, deterministic.
 
 HCP is a twin and sibling study: about half of the subjects share a family with
 someone else, and siblings' brains are alike. A split that puts two siblings on
 both sides of the train/test line leaks. When ``Family_ID`` is known, whole
 families are assigned to one split; subjects without one are their own family.
+The same holds for the sessions of one subject in a longitudinal BIDS cohort:
+records carry a ``group`` (family or subject) and no group crosses a split.
+Merged cohorts are stratified by site as well as age, so every site is in every
+split in proportion (a site-confounded test set flatters a model).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SPLIT_NAMES", "import_seed_splits", "make_splits", "split_proportions"]
+__all__ = ["SPLIT_NAMES", "age_strata", "import_seed_splits", "make_splits", "split_proportions"]
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -23,18 +27,41 @@ def _field(rec: Any, name: str) -> Any:
     return rec[name] if isinstance(rec, Mapping) else getattr(rec, name)
 
 
+def _optional(rec: Any, name: str) -> Any:
+    return rec.get(name) if isinstance(rec, Mapping) else getattr(rec, name, None)
+
+
+def age_strata(ages: Sequence[float | None], n_strata: int = 4) -> list[int]:
+    """Age quantile (0..n_strata-1) of each age within the given list; -1 for ``None``.
+
+    Used as the age stratum of cohorts with exact ages over a wide range, where
+    HCP's young-adult bins would put almost everyone in the last bin.
+
+    Examples:
+        >>> age_strata([20, 30, 40, 50, None, 60, 70, 80, 90], n_strata=4)
+        [0, 0, 1, 1, -1, 2, 2, 3, 3]
+    """
+    known = np.array([a for a in ages if a is not None], dtype=np.float64)
+    if known.size == 0:
+        return [-1] * len(ages)
+    edges = np.quantile(known, np.linspace(0, 1, n_strata + 1)[1:-1])
+    return [-1 if a is None else int(np.searchsorted(edges, a, side="right")) for a in ages]
+
+
 def make_splits(
     subjects: Sequence[Any], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
 ) -> dict[str, list[str]]:
-    """Stratified, family-aware train/val/test split.
+    """Stratified, group-aware train/val/test split.
 
-    Families (or single subjects without a ``family_id``) are shuffled with ``seed``,
-    then placed largest first, each into the split whose per-stratum counts
-    (stratum = age_bin x sex) are furthest below their target ``fraction x total``.
+    Groups (a ``group`` field when records have one, else the ``family_id``, else
+    the subject alone) are shuffled with ``seed``, then placed largest first, each
+    into the split whose per-stratum counts are furthest below their target
+    ``fraction x total``. The stratum is the record's ``stratum`` field when it has
+    one (e.g. ``"site|age-quartile|sex"``), else age_bin x sex.
 
     Args:
-        subjects: records (dicts or objects) with ``id``, ``age_bin``, ``sex`` and
-            ``family_id`` (``None`` when unknown).
+        subjects: records (dicts or objects) with ``id``, ``age_bin``, ``sex``,
+            ``family_id`` (``None`` when unknown) and optionally ``group`` and ``stratum``.
         fractions: (train, val, test) fractions, non-negative, summing to 1.
         seed: shuffling seed; the same seed and subjects give the same split.
 
@@ -58,13 +85,15 @@ def make_splits(
     if len(set(ids)) != len(ids):
         dup = next(s for s in ids if ids.count(s) > 1)
         raise ValueError(f"subject {dup} appears more than once")
-    strata: dict[tuple[int, int], int] = {}
+    strata: dict[Any, int] = {}
     families: dict[str, list[tuple[str, int]]] = {}
     for rec, sid in zip(subjects, ids, strict=True):
-        key = (int(_field(rec, "age_bin")), int(_field(rec, "sex")))
+        stratum = _optional(rec, "stratum")
+        key = stratum if stratum is not None else (int(_field(rec, "age_bin")), int(_field(rec, "sex")))
         col = strata.setdefault(key, len(strata))
+        group = _optional(rec, "group")
         fam = _field(rec, "family_id")
-        families.setdefault(f"family:{fam}" if fam else f"subject:{sid}", []).append((sid, col))
+        families.setdefault(str(group) if group else f"family:{fam}" if fam else f"subject:{sid}", []).append((sid, col))
     n_strata = max(len(strata), 1)
     totals = np.zeros(n_strata)
     for members in families.values():

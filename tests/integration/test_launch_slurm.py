@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -61,29 +60,64 @@ def _launch(run_dir: Path, shards: Path, nodes: int, steps: int, *extra: str) ->
             *_overrides(shards, steps), *extra]
 
 
-def _job_id(proc: subprocess.Popen, timeout: float = 60) -> str:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        line = proc.stdout.readline()
-        m = re.search(r"submitted job (\d+)", line or "")
-        if m:
-            return m.group(1)
-        if proc.poll() is not None:
-            raise AssertionError(f"launcher ended without a job id: {proc.stderr.read()[-3000:]}")
-    raise AssertionError("no job id printed")
+class _Launcher:
+    """The launcher as a background process whose stdout/stderr go to files.
+
+    Never read a pipe in pieces: a ``readline()`` on a pipe followed by
+    ``communicate()`` loses what the reader's buffer already held (the flaky
+    ``tensorboard --logdir`` line of issue 14). Files are read whole, any time.
+    """
+
+    def __init__(self, cmd: list[str], folder: Path, env: dict[str, str]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = folder / "launch.out", folder / "launch.err"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, text=True, stdout=out, stderr=err)
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()
+
+    def job_id(self, timeout: float = 120) -> str:
+        box: dict[str, str] = {}
+
+        def printed() -> bool:
+            m = re.search(r"submitted job (\d+)", self.out)
+            if m:
+                box["id"] = m.group(1)
+                return True
+            if self.proc.poll() is not None:
+                raise AssertionError(f"launcher ended without a job id: {self.err[-3000:]}")
+            return False
+
+        wait_for(printed, timeout, "the launcher to print its job id")
+        return box["id"]
+
+    def finish(self, timeout: float) -> tuple[int, str, str]:
+        """Wait for the launcher to exit; returns (exit code, whole stdout, whole stderr)."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"launcher still running after {timeout:.0f}s:\n{self.out[-2000:]}\n{self.err[-3000:]}") from None
+        return rc, self.out, self.err
 
 
 def test_launch_four_nodes(slurm_cluster, slurm_jobs, tiny_shards, tmp_path):
     run_dir = tmp_path / "cvae4"
-    proc = subprocess.Popen(_launch(run_dir, tiny_shards, 4, 6), env=_env(), cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    job = _job_id(proc)
+    launcher = _Launcher(_launch(run_dir, tiny_shards, 4, 6), tmp_path, _env())
+    job = launcher.job_id()
     slurm_jobs.append(job)
-    info = wait_job_state(job, {"RUNNING", "COMPLETING", "COMPLETED"}, timeout=60)
+    info = wait_job_state(job, {"RUNNING", "COMPLETING", "COMPLETED"}, timeout=600)  # the cluster is shared
     assert info.get("NumNodes") == "4" and info.get("NodeList") == "n[1-4]", info
-    out, err = proc.communicate(timeout=400)
+    rc, out, err = launcher.finish(timeout=600)
     said = f"launcher stdout:\n{out[-2000:]}\nstderr:\n{err[-3000:]}"
-    assert proc.returncode == 0, said
+    assert rc == 0, said
     assert "tensorboard --logdir" in out, said
     assert (run_dir / "last.pt").is_file() and list((run_dir / "tb").glob("events.out.tfevents.*")), said
     assert _events(run_dir, "start")[0]["world_size"] == 4, said
@@ -95,9 +129,8 @@ def test_launch_four_nodes(slurm_cluster, slurm_jobs, tiny_shards, tmp_path):
 def test_launch_preempt_requeue_resume(slurm_cluster, slurm_jobs, tiny_shards, tmp_path):
     run_dir = tmp_path / "cvae-preempt"
     steps = 14
-    proc = subprocess.Popen(_launch(run_dir, tiny_shards, 2, steps), env=_env(BRAINAGE_TEST_STEP_SLEEP_S="1.0"),
-                            cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    job = _job_id(proc)
+    launcher = _Launcher(_launch(run_dir, tiny_shards, 2, steps), tmp_path, _env(BRAINAGE_TEST_STEP_SLEEP_S="1.0"))
+    job = launcher.job_id()
     slurm_jobs.append(job)
     wait_for(lambda: any(r.get("step", 0) >= 3 and "train/loss" in r for r in _records(run_dir)), 240, "step 3")
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
@@ -106,8 +139,8 @@ def test_launch_preempt_requeue_resume(slurm_cluster, slurm_jobs, tiny_shards, t
     assert 0 < saved < steps
     wait_job_state(job, {"PENDING"}, timeout=120)
     release_requeued(job)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
+    rc, out, err = launcher.finish(timeout=600)
+    assert rc == 0, err[-3000:]
     assert _events(run_dir, "resume")[-1]["step"] == saved
     assert _events(run_dir, "end")[-1]["step"] == steps
     assert int(job_info(job).get("Restarts", "1") or 1) >= 1

@@ -68,7 +68,7 @@ def test_from_dict_rejects_unknown_keys():
     "in_shape, in_voxel, out_shape, out_voxel",
     [
         ((60, 72, 60), 2.0, (32, 40, 32), 4.0),
-        ((99, 117, 95), 2.0, (48, 48, 48), 4.0),
+        ((99, 117, 95), 1.5, (48, 48, 48), 4.0),  # odd sizes; a plausible brain (1.4 L, not 3.3 L at 2 mm)
         ((40, 48, 40), 3.0, (24, 28, 24), 5.0),
         ((30, 36, 30), 4.0, (64, 64, 64), 2.5),
     ],
