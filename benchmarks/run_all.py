@@ -32,6 +32,7 @@ __all__ = ["BENCHMARKS", "main", "render", "render_readme"]
 # name -> what it answers (in run order; gpu skips itself without a GPU)
 BENCHMARKS: dict[str, str] = {
     "preprocess": "subjects/s of `brainage preprocess`, 1 vs 2 workers",
+    "predict_throughput": "scans/s of `brainage predict` (load / preprocess / inference), 0-2 workers vs a serial loop",
     "loader": "HDF5 loader vs nibabel / MONAI / .npy at equal batches, and vs the raw read (targets ≥ 1.0x, ≥ 50 %)",
     "trainer_overhead": "our trainer vs a bare PyTorch loop, paired bootstrap CI (target: upper bound ≤ 5 % slower)",
     "ddp_scaling": "DDP on CPU, 1 vs 2 processes at equal per-rank batch (target ≥ 1.6x), end-to-end wall time",

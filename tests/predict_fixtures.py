@@ -67,7 +67,7 @@ def make_scans(folder: Path, n: int, source: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
-        dst = folder / f"sub-{i:04d}_T1w.nii.gz"
+        dst = folder / f"scan-{i:04d}_T1w.nii.gz"
         shutil.copyfile(subjects[i % len(subjects)], dst)
         out.append(dst)
     return out

@@ -41,7 +41,7 @@ from brainage_hpc.evaluation.parts import (
     read_records,
     write_plan,
 )
-from brainage_hpc.evaluation.scans import collect_scans, scan_key
+from brainage_hpc.evaluation.scans import collect_scans, failure_message, scan_key
 from brainage_hpc.outputs import check_output_file, prepare_output_dir
 
 __all__ = ["PREEMPT_EXIT_CODE", "PredictRequest", "array_plan", "exit_code_for_signal", "load_for_scoring", "run_merge", "run_predict"]
@@ -128,8 +128,6 @@ def _plan_for(req: PredictRequest, parts_dir: Path) -> Plan:
     if req.task is None:
         scans, failures = collect_scans(req.inputs)
         return write_plan(parts_dir, Plan(scans, failures, 1, list(req.inputs)), replace=True)
-    if not 0 <= req.task < req.tasks:
-        raise ValueError(f"--task-id {req.task} is outside 0..{req.tasks - 1} for --tasks {req.tasks}")
     return array_plan(parts_dir, req.inputs, req.tasks)
 
 
@@ -140,7 +138,7 @@ def _session(event: str, task: int, tasks: int, **extra: Any) -> dict[str, Any]:
 
 def _report_merge(summary: MergeSummary, out: Path | None, plan: Plan, say: Callable[..., None]) -> None:
     for failure in plan.failures:
-        say(f"brainage predict: error: {failure.error}", True)
+        say(f"brainage predict: error: {failure_message(failure)}", True)
     for name, n in summary.missing_parts.items():
         say(f"brainage predict: part {name} is missing: {n} scan(s) not scored", True)
     for name, n in summary.incomplete_parts.items():
@@ -200,6 +198,10 @@ def run_predict(req: PredictRequest, say: Callable[..., None] = _say) -> int:
         OutputError: ``out`` cannot be written (a folder, read-only, under a file).
         FileNotFoundError, ValueError: bad checkpoint, plan mismatch (one line each).
     """
+    if req.tasks < 1:
+        raise ValueError(f"--tasks must be >= 1, got {req.tasks}")
+    if req.task is not None and not 0 <= req.task < req.tasks:
+        raise ValueError(f"--task-id {req.task} is outside 0..{req.tasks - 1} for --tasks {req.tasks}")
     out = check_output_file(req.out, "--out") if req.out else None
     lm, pcfg = load_for_scoring(req.checkpoint, req.device)
     tmp = None
@@ -209,15 +211,17 @@ def run_predict(req: PredictRequest, say: Callable[..., None] = _say) -> int:
     else:
         parts_dir = prepare_output_dir(parts_dir_for(out), "parts folder")
     try:
-        plan = _plan_for(req, parts_dir)
         task = req.task or 0
-        with PartWriter(parts_dir / part_name(task, plan.tasks)) as writer, StopRequest() as stop:
+        # the part's lock first: a second process on the same part stops before it touches the plan
+        with PartWriter(parts_dir / part_name(task, req.tasks)) as writer, StopRequest() as stop:
+            plan = _plan_for(req, parts_dir)
             done = _scored_keys(parts_dir)
             todo = [(i, plan.scans[i]) for i in plan.task_range(task) if _current_key(plan.scans[i].path) not in done]
             skipped = len(plan.task_range(task)) - len(todo)
             if skipped:
                 say(f"brainage predict: {skipped} scan(s) already scored, {len(todo)} to do", True)
             writer.append([_session("start", task, plan.tasks, todo=len(todo), skipped=skipped, device=str(lm.device),
+                                    model=str(lm.source),
                                     workers=req.options.workers, batch_size=req.options.batch_size)])
             outcome: ScoreOutcome = score_scans(lm, pcfg, todo, writer, req.options, stop, task)
             writer.append([_session("end", task, plan.tasks, scored=outcome.scored, failed=outcome.failed,

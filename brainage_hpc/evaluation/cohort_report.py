@@ -57,7 +57,9 @@ def cohort_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         pa = np.array([p for _, p, _ in pairs])
         gap = pa - age
         stats["gap"] = _gap_stats(gap)
-        stats["gap"]["r_age_pred"] = float(np.corrcoef(age, pa)[0, 1]) if len(pairs) > 2 and age.std() > 0 and pa.std() > 0 else None
+        varied = len(pairs) > 2 and age.std() > 0 and pa.std() > 0
+        stats["gap"]["r_age_pred"] = float(np.corrcoef(age, pa)[0, 1]) if varied else None
+        stats["gap"]["r_age_gap"] = float(np.corrcoef(age, gap)[0, 1]) if varied and gap.std() > 0 else None
         by_site: dict[str, list[float]] = defaultdict(list)
         for (_, _, site), g in zip(pairs, gap):
             by_site[site].append(float(g))
@@ -71,7 +73,12 @@ def _gap_stats(gap: np.ndarray) -> dict[str, Any]:
 
 
 def throughput(sessions: list[dict[str, Any]]) -> dict[str, Any]:
-    """Scans/s per task process and for the whole run, from the parts' session records."""
+    """Scans/s of every task run and overall, from the parts' session records.
+
+    ``per_process_scans_per_s`` divides all scans by the summed task time (what one
+    process delivers); ``run_scans_per_s`` divides them by first start to last end
+    (what the whole array delivered, including queue waits and gaps between reruns).
+    """
     ends = [s for s in sessions if s.get("event") == "end" and (s.get("scored", 0) + s.get("failed", 0)) > 0]
     if not ends:
         return {}
@@ -79,15 +86,21 @@ def throughput(sessions: list[dict[str, Any]]) -> dict[str, Any]:
     busy = sum(float(s["elapsed_s"]) for s in ends)
     starts = [float(s["time"]) for s in sessions if s.get("event") == "start"]
     span = max(float(s["time"]) for s in ends) - min(starts) if starts else busy
+    runs = [{"part": s.get("part", ""), "host": s.get("host", ""), "scans": int(s["scored"]) + int(s["failed"]),
+             "seconds": float(s["elapsed_s"]), "stopped_by": s.get("stopped_by"),
+             "time": _dt.datetime.fromtimestamp(float(s["time"])).isoformat(timespec="seconds")} for s in ends]
     return {
         "scans": n,
         "sessions": len(ends),
+        "runs": runs,
+        "busy_s": busy,
         "per_process_scans_per_s": n / busy if busy > 0 else None,
         "run_scans_per_s": n / span if span > 0 else None,
         "wall_s": span,
         "prepare_s_per_scan": sum(float(s.get("prepare_s", 0)) for s in ends) / n,
         "infer_s_per_scan": sum(float(s.get("infer_s", 0)) for s in ends) / n,
         "workers": sorted({int(s.get("workers", 0)) for s in sessions if s.get("event") == "start"}),
+        "devices": sorted({str(s.get("device", "?")) for s in sessions if s.get("event") == "start"}),
     }
 
 
@@ -96,6 +109,7 @@ def _figure(rows: list[dict[str, Any]], stats: dict[str, Any], path: Path) -> Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from brainage_hpc.report import save_figure
 
@@ -104,11 +118,18 @@ def _figure(rows: list[dict[str, Any]], stats: dict[str, Any], path: Path) -> Pa
     fig, axes = plt.subplots(1, n_panels, figsize=(5.2 * n_panels, 4.2), squeeze=False)
     ax = axes[0, 0]
     pred = [p for r in rows if (p := _num(r.get("pred_age"))) is not None]
-    ages = [a for r in rows if (a := _num(r.get("age"))) is not None]
-    bins = np.histogram_bin_edges(pred + ages, bins=min(30, max(5, len(pred) // 4))) if pred else 10
+    ages = [a for r in rows if (a := _num(r.get("age"))) is not None and _num(r.get("pred_age")) is not None]
+    values = pred + ages
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    if hi - lo < 4.0:  # a nearly constant prediction: show it on a readable, few-years-wide axis
+        mid = (hi + lo) / 2
+        lo, hi = mid - 2.0, mid + 2.0
+    bins = np.linspace(lo, hi, min(30, max(5, len(pred) // 4)) + 1)
     ax.hist(pred, bins=bins, color="tab:blue", alpha=0.7, label=f"predicted (n={len(pred)})")
     if ages:
         ax.hist(ages, bins=bins, histtype="step", color="black", lw=1.5, label=f"true (n={len(ages)})")
+    ax.xaxis.set_major_locator(MaxNLocator(6))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("age (years)")
     ax.set_ylabel("scans")
     ax.set_title("Predicted brain age")
@@ -153,12 +174,15 @@ def write_cohort_report(out_csv: Path, summary: MergeSummary, parts_dir: Path) -
 
     rows = summary.rows
     stats = cohort_stats(rows)
-    tp = throughput(read_sessions(parts_dir))
     stem = out_csv.name[:-4] if out_csv.name.endswith(".csv") else out_csv.name
     png = out_csv.with_name(f"{stem}_report.png")
     md = out_csv.with_name(f"{stem}_report.md")
+    sessions = read_sessions(parts_dir)
+    tp = throughput(sessions)
+    model = next((s.get("model") for s in reversed(sessions) if s.get("model")), None)
     lines = [f"# Cohort report: {out_csv.name}", "",
-             f"Written {_dt.datetime.now().isoformat(timespec='seconds')} from `{out_csv}`.", "",
+             f"Written {_dt.datetime.now().isoformat(timespec='seconds')} from `{out_csv}`"
+             + (f"; model `{model}`." if model else "."), "",
              "| scans | scored | failed | not scored | flagged |", "|---|---|---|---|---|",
              f"| {len(rows)} | {summary.n_ok} | {summary.n_failed} | {summary.n_missing} | "
              f"{sum(1 for r in rows if _flagged(r))} |", ""]
@@ -176,17 +200,29 @@ def write_cohort_report(out_csv: Path, summary: MergeSummary, parts_dir: Path) -
                   f"| all | {g['n']} | {g['mean']:+.2f} | {g['sd']:.2f} | {g['mae']:.2f} |"]
         lines += [f"| {site} | {s['n']} | {s['mean']:+.2f} | {s['sd']:.2f} | {s['mae']:.2f} |"
                   for site, s in stats["gap_by_site"].items()]
-        lines += ["", f"Correlation of true and predicted age: r = {_fmt(g.get('r_age_pred'), 3)}.", ""]
+        lines += ["", f"Correlation of true and predicted age: r = {_fmt(g.get('r_age_pred'), 3)}. "
+                  f"Correlation of the gap with true age: r = {_fmt(g.get('r_age_gap'), 3)} (a strongly negative value is "
+                  "the usual regression to the mean; compare gaps across groups only after bias correction).", ""]
     if rows and stats.get("n_pred"):
         _figure(rows, stats, png)
         lines += [f"![predicted ages]({png.name})", ""]
     if tp:
+        import signal
+
         lines += ["## Throughput", "",
-                  "| scans | task runs | scans/s per process | scans/s whole run | wall (s) | prepare s/scan | inference s/scan |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| {tp['scans']} | {tp['sessions']} | {_fmt(tp['per_process_scans_per_s'])} | {_fmt(tp['run_scans_per_s'])} "
-                  f"| {tp['wall_s']:.1f} | {tp['prepare_s_per_scan']:.3f} | {tp['infer_s_per_scan']:.3f} |", "",
-                  "Prepare time is summed over worker processes, so it can exceed the wall time when workers run in parallel.", ""]
+                  f"{tp['scans']} scans in {tp['sessions']} task run(s): {_fmt(tp['per_process_scans_per_s'])} scans/s per "
+                  f"process ({tp['busy_s']:.1f} s of task time); {_fmt(tp['run_scans_per_s'])} scans/s for the whole run "
+                  f"({tp['wall_s']:.1f} s from first start to last end, queue waits and reruns included). "
+                  f"Per scan: prepare {tp['prepare_s_per_scan']:.3f} s (summed over workers), inference "
+                  f"{tp['infer_s_per_scan']:.4f} s. Workers per task: {', '.join(map(str, tp['workers']))}; "
+                  f"device: {', '.join(tp['devices'])}.", "",
+                  "| part | host | ended | scans | seconds | scans/s | stopped by |", "|---|---|---|---|---|---|---|"]
+        for run in tp["runs"][:_MAX_LISTED]:
+            stop = signal.Signals(run["stopped_by"]).name if run["stopped_by"] else ""
+            rate = run["scans"] / run["seconds"] if run["seconds"] > 0 else None
+            lines.append(f"| `{run['part']}` | {run['host']} | {run['time']} | {run['scans']} | {run['seconds']:.1f} "
+                         f"| {_fmt(rate)} | {stop} |")
+        lines.append("")
     failed = [r for r in rows if r.get("error")]
     if failed:
         lines += [f"## Failed or not scored ({len(failed)})", "", "| file | reason |", "|---|---|"]

@@ -30,7 +30,7 @@ import torch
 
 from brainage_hpc.evaluation.parts import PartWriter
 from brainage_hpc.evaluation.scan_input import one_line_error, prepare_input
-from brainage_hpc.evaluation.scans import ScanItem, scan_key
+from brainage_hpc.evaluation.scans import ScanRecord, scan_key
 
 __all__ = ["HOLD_ENV", "ScoreOptions", "ScoreOutcome", "StopRequest", "score_scans"]
 
@@ -108,7 +108,7 @@ class StopRequest:
 class _PreparedScans(torch.utils.data.Dataset):
     """Item ``j``: the j-th scan to do, prepared, or its one-line error (never an exception)."""
 
-    def __init__(self, todo: Sequence[tuple[int, ScanItem]], pcfg: Any) -> None:
+    def __init__(self, todo: Sequence[tuple[int, ScanRecord]], pcfg: Any) -> None:
         self.todo = list(todo)
         self.pcfg = pcfg
 
@@ -138,7 +138,7 @@ def _as_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return batch
 
 
-def _sexes(scan: ScanItem, default: str) -> list[float]:
+def _sexes(scan: ScanRecord, default: str) -> list[float]:
     if scan.sex is not None:
         return [float(scan.sex)]
     return [1.0, 0.0] if default == "unknown" else [1.0 if default == "M" else 0.0]
@@ -219,7 +219,7 @@ def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
 def score_scans(
     lm: Any,
     pcfg: Any,
-    todo: Sequence[tuple[int, ScanItem]],
+    todo: Sequence[tuple[int, ScanRecord]],
     writer: PartWriter,
     opts: ScoreOptions,
     stop: StopRequest,

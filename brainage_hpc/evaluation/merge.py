@@ -17,7 +17,7 @@ from typing import Any
 
 from brainage_hpc.evaluation.parts import Plan, iter_part_files, part_name, read_records
 from brainage_hpc.evaluation.rows import build_row, output_columns
-from brainage_hpc.evaluation.scans import scan_key
+from brainage_hpc.evaluation.scans import failure_message, scan_key
 
 __all__ = ["MergeSummary", "collect_rows", "merge_parts", "read_sessions"]
 
@@ -86,7 +86,9 @@ def collect_rows(parts_dir: Path, plan: Plan) -> MergeSummary:
                 by_path[str(rec["key"][0])].append(rec)
 
     for failure in plan.failures:
-        summary.rows.append(build_row(None, failure.source, None, error=failure.error))
+        row = build_row(None, failure.file or failure.subject, None, error=failure_message(failure))
+        row["subject"] = failure.subject
+        summary.rows.append(row)
         summary.n_failed += 1
 
     missing_parts: Counter[str] = Counter()

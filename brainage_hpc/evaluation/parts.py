@@ -26,11 +26,11 @@ import socket
 import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from brainage_hpc.evaluation.scans import ScanFailure, ScanItem
+from brainage_hpc.evaluation.scans import Failure, ScanRecord
 from brainage_hpc.outputs import OutputError
 
 __all__ = [
@@ -69,8 +69,8 @@ class Plan:
     Task ``i`` of ``K`` scores the contiguous slice ``[i*N//K, (i+1)*N//K)`` of ``scans``.
     """
 
-    scans: list[ScanItem]
-    failures: list[ScanFailure] = field(default_factory=list)
+    scans: list[ScanRecord]
+    failures: list[Failure] = field(default_factory=list)
     tasks: int = 1
     inputs: list[str] = field(default_factory=list)
     created: str = ""
@@ -94,18 +94,23 @@ class Plan:
             "tasks": self.tasks,
             "inputs": list(self.inputs),
             "scans": [s.to_dict() for s in self.scans],
-            "failures": [{"source": f.source, "error": f.error} for f in self.failures],
+            "failures": [asdict(f) for f in self.failures],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         return cls(
-            scans=[ScanItem.from_dict(s) for s in data["scans"]],
-            failures=[ScanFailure(str(f["source"]), str(f["error"])) for f in data.get("failures", [])],
+            scans=[_record(s) for s in data["scans"]],
+            failures=[Failure(str(f["subject"]), str(f["file"]), str(f["reason"])) for f in data.get("failures", [])],
             tasks=int(data["tasks"]),
             inputs=[str(i) for i in data.get("inputs", [])],
             created=str(data.get("created", "")),
         )
+
+
+def _record(data: dict[str, Any]) -> ScanRecord:
+    names = ScanRecord.__dataclass_fields__
+    return ScanRecord(**{k: v for k, v in data.items() if k in names})
 
 
 def read_plan(parts_dir: Path) -> Plan | None:
@@ -244,7 +249,7 @@ class PartWriter:
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
         self._drop_torn_tail()
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd: int | None = None  # the part file is created by the first append
 
     def _drop_torn_tail(self) -> None:
         """Cut a last line that has no newline (a write killed half-way), so appends start clean."""
@@ -269,6 +274,8 @@ class PartWriter:
         data = "".join(_encode(r) for r in records).encode("utf-8")
         if not data:
             return
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)
@@ -283,7 +290,8 @@ class PartWriter:
                     os.close(fd)
                 except OSError:
                     pass
-        self._fd = self._lock_fd = None  # type: ignore[assignment]
+        self._fd = None
+        self._lock_fd = None  # type: ignore[assignment]
 
     def __enter__(self) -> PartWriter:
         return self

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from brainage_hpc.evaluation.scans import ScanItem
+from brainage_hpc.evaluation.scans import ScanRecord
 
 __all__ = ["BASE_COLUMNS", "TAIL_COLUMNS", "build_row", "output_columns"]
 
@@ -29,7 +29,7 @@ def _finite(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def build_row(scan: ScanItem | None, source: str, record: dict[str, Any] | None, error: str | None = None) -> dict[str, Any]:
+def build_row(scan: ScanRecord | None, source: str, record: dict[str, Any] | None, error: str | None = None) -> dict[str, Any]:
     """One output row.
 
     Args:
@@ -41,20 +41,19 @@ def build_row(scan: ScanItem | None, source: str, record: dict[str, Any] | None,
     Returns:
         ``{column: value}``; None for unknown cells. Probabilities are ``prob_0``, ``prob_1``, ...
     """
-    scan = scan or ScanItem(path=source)
     pred = dict((record or {}).get("pred") or {})
-    age = scan.age
+    age = scan.age if scan else None
     pred_age = _finite(pred.get("pred_age"))
     bin4 = pred.get("bin4_pred")
     row: dict[str, Any] = {
         "file": source,
-        "subject": scan.subject,
-        "session": scan.session,
-        "site": scan.site,
-        "cohort": scan.cohort,
-        "group": scan.group,
+        "subject": scan.subject if scan else "",
+        "session": (scan.session or "") if scan else "",
+        "site": scan.site if scan else "",
+        "cohort": scan.cohort if scan else "",
+        "group": scan.group if scan else "",
         "age": age,
-        "sex": _SEX_TEXT.get(scan.sex, "") if scan.sex is not None else "",
+        "sex": _SEX_TEXT.get(scan.sex, "") if scan and scan.sex is not None else "",
         "pred_age": pred_age,
         "brain_age_gap": pred_age - age if pred_age is not None and age is not None else None,
         "age_bin_pred": bin4 if bin4 is None or bin4 >= 0 else None,

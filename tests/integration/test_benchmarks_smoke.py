@@ -25,6 +25,7 @@ DDP_SHAPE = ["--shape", "48", "56", "48"]
 # name -> extra arguments of its quick run (smallest inputs that still exercise every code path)
 SMOKE: dict[str, list[str]] = {
     "preprocess": ["--workers", "1", "2"],
+    "predict_throughput": [],
     "loader": [],
     "trainer_overhead": [],
     "ddp_scaling": DDP_SHAPE,

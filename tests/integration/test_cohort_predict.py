@@ -196,7 +196,37 @@ def test_table_with_ages_and_sites_gives_gaps_and_a_report(tmp_path, tiny_model,
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("extra, expect", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--tasks", "0", "--task-id", "0"], "--tasks must be >= 1"),
+    (["--tasks", "2", "--task-id", "2"], "--task-id 2 is outside 0..1"),
+    (["--tasks", "2"], "--tasks and --task-id go together"),
+])
+def test_nonsense_options_are_one_line_errors(tmp_path, tiny_model, scan_dir, capsys, extra, expect):
+    assert _predict(tiny_model, [scan_dir], tmp_path / "pred.csv", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("brainage predict: error: ") and expect in err and "\n" not in err, err
+    assert not list(tmp_path.glob("pred.csv.parts/part-*"))
+
+
 def test_docstring_examples():
     import brainage_hpc.evaluation.scan_input as scan_input
 
     assert doctest.testmod(scan_input).failed == 0
+
+
+def test_bids_root_with_sessions_gives_one_row_per_session(tmp_path, tiny_model, synth_subjects):
+    from brainage_hpc.ingest.bids_writer import BidsScan, write_bids
+
+    src = sorted(synth_subjects.rglob("*.nii.gz"))
+    scans = [BidsScan(f"{p}{i}", ses, str(src[(2 * i + j) % len(src)]), 30.0 + i + 2 * j, "MF"[i % 2], f"site{p}")
+             for p in "ab" for i in range(2) for j, ses in enumerate(("1", "2"))]
+    root = write_bids(tmp_path / "bids", scans)
+    out = tmp_path / "pred.csv"
+    assert _predict(tiny_model, [root], out) == 0
+    df = pd.read_csv(out, dtype={"session": str})
+    assert len(df) == 8 and df["pred_age"].notna().all()
+    assert sorted(zip(df["subject"], df["session"]))[:2] == [("sub-a0", "1"), ("sub-a0", "2")]
+    assert set(df["site"]) == {"sitea", "siteb"} and df["age"].notna().all()
+    assert "| sitea | 4 |" in (tmp_path / "pred_report.md").read_text()

@@ -29,7 +29,7 @@ def _one_line_error(capsys, command: str) -> str:
 def test_T5_one_all_negative_volume_among_good_ones_is_an_error_row(tmp_path, tiny_model, synth_subjects, capsys):
     good = make_scans(tmp_path / "in", 3, synth_subjects)
     img = nib.load(good[0])
-    negative = tmp_path / "in" / "sub-neg_T1w.nii.gz"
+    negative = tmp_path / "in" / "scan-neg_T1w.nii.gz"
     nib.save(nib.Nifti1Image(-np.asarray(img.dataobj, dtype=np.float32) - 1.0, img.affine), negative)
     out = tmp_path / "pred.csv"
     rc = main(["predict", "--checkpoint", str(tiny_model), "--input", str(tmp_path / "in"), "--out", str(out),
@@ -47,15 +47,15 @@ def test_T5_one_all_negative_volume_among_good_ones_is_an_error_row(tmp_path, ti
 def test_T5_any_exception_for_one_file_is_that_files_error(tmp_path, tiny_model, synth_subjects, monkeypatch, capsys):
     """A library RuntimeError while preparing one scan, and a model failure on another, cost only those two."""
     import brainage_hpc.evaluation.predict as predict
-    import brainage_hpc.ingest.preprocess as preprocess
+    import brainage_hpc.evaluation.scan_input as scan_input
 
     files = make_scans(tmp_path / "in", 6, synth_subjects)
-    real_prepare, real_predict = preprocess.preprocess_volume, predict.predict_batch
+    real_prepare, real_predict = scan_input.prepare_scan, predict.predict_batch
 
-    def flaky_prepare(img, cfg, landmarks=None):
-        if img.get_filename() == str(files[1]):
+    def flaky_prepare(path, pcfg):
+        if str(path) == str(files[1]):
             raise RuntimeError("grid_sampler(): expected a non-empty tensor\nmore text")
-        return real_prepare(img, cfg, landmarks)
+        return real_prepare(path, pcfg)
 
     calls = {"n": 0}
 
@@ -65,7 +65,7 @@ def test_T5_any_exception_for_one_file_is_that_files_error(tmp_path, tiny_model,
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real_predict(lm, image, sex)
 
-    monkeypatch.setattr(preprocess, "preprocess_volume", flaky_prepare)
+    monkeypatch.setattr(scan_input, "prepare_scan", flaky_prepare)
     monkeypatch.setattr(predict, "predict_batch", flaky_predict)
     out = tmp_path / "pred.csv"
     rc = main(["predict", "--checkpoint", str(tiny_model), "--input", *map(str, files), "--out", str(out),
