@@ -317,7 +317,8 @@ def _skipped(args: argparse.Namespace, argv: list[str] | None, reason: str) -> i
                          notes=["No CUDA GPU on the machine that ran this (no device was lent to the session). The script is ready: "
                                 "`python -m benchmarks.gpu` on a CUDA machine measures SFCN at 160x192x160 and the seed CNN at 128^3, "
                                 "fp32 vs bf16, channels-last on/off, a batch sweep to the memory limit (volumes/s, peak memory), "
-                                "GPU busy share and the data-wait fraction with the real loader."], skipped=True, reason=reason)
+                                "GPU busy share and the data-wait fraction with the real loader, and the host-device syncs per optimizer step "
+                                "of the Trainer (torch.cuda.set_sync_debug_mode)."], skipped=True, reason=reason)
     return finish(result, args.out)
 
 

@@ -123,7 +123,7 @@ def _readme_block(results_dir: Path) -> str:
         for x in heads:
             verdict = {True: "met", False: "NOT met", None: ""}[x.get("met")]
             rows.append([f"`{name}`", x["text"].rsplit(": ", 1)[0] if verdict else x["text"], verdict, when])
-    table = markdown_table(["benchmark", "headline (from benchmarks/results/)", "target", "measured on"], rows)
+    table = markdown_table(["benchmark", "headline (from benchmarks/results/)", "verdict", "measured on"], rows)
     return f"{README_BEGIN}\n{table}\n\nFull tables, commands, machines and load: [BENCHMARKS.md](BENCHMARKS.md).\n{README_END}"
 
 
