@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "amp": "fp32 vs bf16 autocast throughput on CPU",
     "exit_stress": "clean exit of 2-process gloo runs (the os._exit shutdown)",
     "gpu": "GPU throughput, memory, busy share, data wait (needs a GPU)",
+    "faults": "fault injection: clean error or correct recovery, silent or destructive 0 (issue 14)",
 }
 
 HEADER = """# Benchmarks
