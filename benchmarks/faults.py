@@ -303,7 +303,7 @@ def _t3_enospc(ctx: Context) -> Verdict:
         after = {n: b for n, b in _snapshot(run).items() if n.startswith("ckpt-step")}
         if any(after.get(n) != b for n, b in before.items()) or any(p.name.endswith(".tmp") for p in run.iterdir()):
             return Verdict("destructive", "earlier checkpoints changed or a temp file was left")
-        return _refused(code, lines, 1, "No space left on device")
+        return _refused(code, lines, 1, "No space left on device", "ckpt-step00000006.pt")
     finally:
         unmount(disk)
 

@@ -226,7 +226,7 @@ class CheckpointKeeper:
             if stored is None:
                 if explicit:
                     raise ResumeError(f"{problem}; pass another checkpoint, --resume auto or --resume none")
-                log.warning("skipping unreadable checkpoint: %s", problem)
+                (log.warning if b.is_global_zero else log.debug)("skipping unreadable checkpoint: %s", problem)
                 continue
             notes = check_compatible(stored, config_to_dict(t.cfg), t.meta.get("data_identity"), path, self.run_dir, explicit)
             try:
