@@ -144,12 +144,19 @@ class LaunchConfig:
     gpus_per_node: int = 0
     tasks_per_node: int = 0  # 0: one per GPU, or one per node on CPU
     cpus_per_task: int = 2
-    mem_gb: int = 0  # 0: leave to the cluster default
+    mem_gb: float = 0  # memory per node in GB (--mem 64G, 500M -> 0.488); 0: leave to the cluster default
     partition: str = ""
     account: str = ""
+    qos: str = ""  # --qos
+    constraint: str = ""  # --constraint, node features (e.g. "a100&ib")
+    exclude: str = ""  # --exclude, nodes to avoid (e.g. "gpu[03-04]")
+    mail_type: str = ""  # --mail-type (e.g. END,FAIL)
+    mail_user: str = ""  # --mail-user
     time_min: int = 60
-    signal_delay_s: int = 120
+    signal_delay_s: int = 120  # USR1 this long before the time limit: checkpoint + requeue
     max_requeues: int = 20
+    max_stalled_requeues: int = 3  # stop requeueing after this many restarts in a row without a new checkpoint
+    array_parallelism: int = 0  # sweeps: array tasks running at once (%N); 0: all
     slurm_additional: dict[str, Any] = field(default_factory=dict)
 
 
