@@ -51,9 +51,6 @@ stop_signal=""
 on_usr1() {
     got_usr1=1
     echo "[$(date +%T)] batch shell got USR1 ${SECONDS}s after the start: asking the tasks to checkpoint (then requeue)"
-    if [ "$SECONDS" -lt 60 ]; then
-        echo "[$(date +%T)] WARNING: USR1 came ${SECONDS}s after the start: is --time shorter than the --signal lead?"
-    fi
     [ -n "$SRUN_PID" ] && kill -USR1 "$SRUN_PID" 2>/dev/null   # srun forwards USR1 to every task
 }
 on_stop() {
