@@ -25,6 +25,7 @@ __all__ = ["BENCHMARKS", "main", "render"]
 # name -> what it answers (in run order; gpu skips itself without a GPU)
 BENCHMARKS: dict[str, str] = {
     "preprocess": "subjects/s of `brainage preprocess`, 1 vs 2 workers",
+    "predict_throughput": "scans/s of `brainage predict` (load / preprocess / inference), 0-2 workers vs a serial loop",
     "loader": "HDF5 shard pipeline vs reading `.nii.gz` with nibabel (target ≥ 10x)",
     "trainer_overhead": "our trainer vs a bare PyTorch loop (target ≤ 5 % slower)",
     "ddp_scaling": "DDP on CPU, 1 vs 2 processes at equal per-rank batch (target ≥ 1.6x)",

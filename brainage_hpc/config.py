@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import tempfile
 import typing
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from brainage_hpc.config_rules import ConfigError, check_params, check_ranges
 
 __all__ = [
     "AugmentConfig",
@@ -29,6 +32,8 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_params",
+    "config_from_dict",
     "config_to_dict",
     "load_config",
     "parse_override",
@@ -41,10 +46,6 @@ BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
 Task = Literal["regress", "classify4", "classify2"]
 Precision = Literal["32", "bf16-mixed", "16-mixed"]
 Backend = Literal["single", "ddp", "deepspeed"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line naming the key and the source."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class TrainConfig:
     offload_optimizer: bool = False
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated config
     progress: bool = True
+    dist_timeout_s: int = 600  # process-group timeout: a dead rank frees the allocation after this long
 
 
 @dataclass(frozen=True)
@@ -194,8 +196,8 @@ def _check_scalar(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key}={value!r} must be an integer")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key}={value!r} must be a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{source}: {key}={value!r} must be a finite number")
         return float(value)
     if tp is str:
         if value is None:
@@ -346,12 +348,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         raw = apply_overrides(raw, overrides)
         source = f"{source} (with overrides)"
-    return _build(RunConfig, raw, "", source)
+    cfg = _build(RunConfig, raw, "", source)
+    check_ranges(cfg, source)
+    return cfg
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
     """Rebuild a RunConfig from ``config_to_dict`` output (e.g. inside a checkpoint)."""
-    return _build(RunConfig, raw, "", source)
+    cfg = _build(RunConfig, raw, "", source)
+    check_ranges(cfg, source)
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

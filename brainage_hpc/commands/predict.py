@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         inputs=tuple(args.input),
         out=args.out,
         task=args.task_id,
-        tasks=args.tasks or 1,
+        tasks=args.tasks if args.tasks is not None else 1,
         options=options,
         device=args.device,
         report=not args.no_report,

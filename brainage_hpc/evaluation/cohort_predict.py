@@ -128,8 +128,6 @@ def _plan_for(req: PredictRequest, parts_dir: Path) -> Plan:
     if req.task is None:
         scans, failures = collect_scans(req.inputs)
         return write_plan(parts_dir, Plan(scans, failures, 1, list(req.inputs)), replace=True)
-    if not 0 <= req.task < req.tasks:
-        raise ValueError(f"--task-id {req.task} is outside 0..{req.tasks - 1} for --tasks {req.tasks}")
     return array_plan(parts_dir, req.inputs, req.tasks)
 
 
@@ -200,6 +198,10 @@ def run_predict(req: PredictRequest, say: Callable[..., None] = _say) -> int:
         OutputError: ``out`` cannot be written (a folder, read-only, under a file).
         FileNotFoundError, ValueError: bad checkpoint, plan mismatch (one line each).
     """
+    if req.tasks < 1:
+        raise ValueError(f"--tasks must be >= 1, got {req.tasks}")
+    if req.task is not None and not 0 <= req.task < req.tasks:
+        raise ValueError(f"--task-id {req.task} is outside 0..{req.tasks - 1} for --tasks {req.tasks}")
     out = check_output_file(req.out, "--out") if req.out else None
     lm, pcfg = load_for_scoring(req.checkpoint, req.device)
     tmp = None
@@ -209,9 +211,10 @@ def run_predict(req: PredictRequest, say: Callable[..., None] = _say) -> int:
     else:
         parts_dir = prepare_output_dir(parts_dir_for(out), "parts folder")
     try:
-        plan = _plan_for(req, parts_dir)
         task = req.task or 0
-        with PartWriter(parts_dir / part_name(task, plan.tasks)) as writer, StopRequest() as stop:
+        # the part's lock first: a second process on the same part stops before it touches the plan
+        with PartWriter(parts_dir / part_name(task, req.tasks)) as writer, StopRequest() as stop:
+            plan = _plan_for(req, parts_dir)
             done = _scored_keys(parts_dir)
             todo = [(i, plan.scans[i]) for i in plan.task_range(task) if _current_key(plan.scans[i].path) not in done]
             skipped = len(plan.task_range(task)) - len(todo)

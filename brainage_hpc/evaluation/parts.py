@@ -249,7 +249,7 @@ class PartWriter:
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
         self._drop_torn_tail()
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd: int | None = None  # the part file is created by the first append
 
     def _drop_torn_tail(self) -> None:
         """Cut a last line that has no newline (a write killed half-way), so appends start clean."""
@@ -274,6 +274,8 @@ class PartWriter:
         data = "".join(_encode(r) for r in records).encode("utf-8")
         if not data:
             return
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)
@@ -288,7 +290,8 @@ class PartWriter:
                     os.close(fd)
                 except OSError:
                     pass
-        self._fd = self._lock_fd = None  # type: ignore[assignment]
+        self._fd = None
+        self._lock_fd = None  # type: ignore[assignment]
 
     def __enter__(self) -> PartWriter:
         return self

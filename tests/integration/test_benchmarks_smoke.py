@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("name, extra", [
     ("amp", ["--configs", "cnn_demo"]),
     ("trainer_overhead", []),
+    ("predict_throughput", []),
 ])
 def test_quick_benchmark_writes_its_result(name: str, extra: list[str], tmp_path: Path) -> None:
     out = tmp_path / f"{name}.json"

@@ -196,6 +196,20 @@ def test_table_with_ages_and_sites_gives_gaps_and_a_report(tmp_path, tiny_model,
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("extra, expect", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--tasks", "0", "--task-id", "0"], "--tasks must be >= 1"),
+    (["--tasks", "2", "--task-id", "2"], "--task-id 2 is outside 0..1"),
+    (["--tasks", "2"], "--tasks and --task-id go together"),
+])
+def test_nonsense_options_are_one_line_errors(tmp_path, tiny_model, scan_dir, capsys, extra, expect):
+    assert _predict(tiny_model, [scan_dir], tmp_path / "pred.csv", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("brainage predict: error: ") and expect in err and "\n" not in err, err
+    assert not list(tmp_path.glob("pred.csv.parts/part-*"))
+
+
 def test_docstring_examples():
     import brainage_hpc.evaluation.scan_input as scan_input
 
