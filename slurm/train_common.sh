@@ -38,7 +38,8 @@ export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 SRUN_WAIT=()
 if [ -n "$DIST_TIMEOUT_S" ]; then
     OVERRIDES="$OVERRIDES train.dist_timeout_s=$DIST_TIMEOUT_S"
-    SRUN_WAIT=(--wait=$((DIST_TIMEOUT_S + 60)))   # once one rank has ended, end the others this much later
+    margin=$(( DIST_TIMEOUT_S < 60 ? DIST_TIMEOUT_S : 60 ))
+    SRUN_WAIT=(--wait=$((DIST_TIMEOUT_S + margin)))   # once one rank has ended, end the others this much later
 fi
 
 echo "[$(date +%T)] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST: config=$CONFIG run_dir=$RUN_DIR"
@@ -88,7 +89,10 @@ done
 
 requeue=0
 if [ -n "$stop_signal" ]; then
+    # srun may report 0 for a step it aborted: say how the job really ended
+    [ "$rc" -eq 0 ] && rc=$((128 + $(kill -l "$stop_signal")))
     echo "[$(date +%T)] stopped by $stop_signal (exit $rc): not requeueing; submit again to continue from the last checkpoint"
+    exit "$rc"
 elif [ "$rc" -eq 3 ]; then
     requeue=1
 elif [ "$got_usr1" -eq 1 ] && [ "$rc" -gt 128 ] && [ "$rc" -ne 130 ] && [ "$rc" -ne 143 ]; then

@@ -1,7 +1,8 @@
 """Issue 17.5: real time-limit preemption on the local cluster, no scancel.
 
 An sbatch job (``--time=2 --signal=B:USR1@50``) and a launcher job (``--time 2``,
-``launch.signal_delay_s=50``) each plan more training than fits in 2 minutes.
+``launch.signal_delay_s=50``), 2 nodes (2 gloo ranks) each, plan more training than
+fits in 2 minutes.
 SLURM itself sends USR1 before the limit; each job checkpoints, requeues itself
 and resumes until the planned step count, with no step trained twice (checked in
 metrics.jsonl and in the raw TensorBoard event files).
@@ -60,6 +61,7 @@ def _check_run(run_dir: Path, said: str) -> list[int]:
     preempts = [e["step"] for e in events(run_dir, "preempt")]
     resumes = [e["step"] for e in events(run_dir, "resume")]
     assert preempts and resumes == preempts, f"preempt at {preempts}, resumed at {resumes}\n{said}"
+    assert all(e["world_size"] == 2 for e in events(run_dir, "start")), said
     assert events(run_dir, "end")[-1]["step"] == STEPS and events(run_dir, "end")[-1]["outcome"] == "completed", said
     trained = [r["step"] for r in records(run_dir) if "train/loss" in r]
     assert trained == list(range(1, STEPS + 1)), f"steps in metrics.jsonl not 1..{STEPS} once each: {trained}\n{said}"
@@ -105,11 +107,11 @@ def test_time_limit_checkpoint_requeue_resume(slurm_cluster, slurm_jobs, tiny_sh
     sb_dir, la_dir = tmp_path / "sbatch-run", tmp_path / "launch-run"
     log_path = tmp_path / "slurm.out"
     sb_job = sbatch_train(
-        "train_vae.sh", ["--time=2", "--signal=B:USR1@50", "--cpus-per-task=1", f"--output={log_path}"],
+        "train_vae.sh", ["--nodes=2", "--time=2", "--signal=B:USR1@50", "--cpus-per-task=1", f"--output={log_path}"],
         sbatch_env(tiny_shards, STEPS, RUN_DIR=str(sb_dir), BRAINAGE_TEST_STEP_SLEEP_S=STEP_SLEEP_S),
     )
     slurm_jobs.append(sb_job)
-    launcher = Launcher(launch_cmd(la_dir, 1, cvae_overrides(tiny_shards, STEPS), "launch.signal_delay_s=50", time_min=2),
+    launcher = Launcher(launch_cmd(la_dir, 2, cvae_overrides(tiny_shards, STEPS), "launch.signal_delay_s=50", time_min=2),
                         tmp_path / "launcher", run_env(BRAINAGE_TEST_STEP_SLEEP_S=STEP_SLEEP_S))
     la_job = launcher.job_id()
     slurm_jobs.append(la_job)

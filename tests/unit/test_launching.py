@@ -109,9 +109,11 @@ def test_dry_run_three_by_three_is_one_array_with_parallelism():
 
 
 def test_dry_run_single_run_has_no_array(tmp_path):
-    cfg = load_config("cnn_demo", ["launch.array_parallelism=2"])
+    cfg = load_config("cnn_demo", ["launch.array_parallelism=2", "train.dist_timeout_s=30"])
     text = dry_run_script(cfg, tmp_path / "submitit" / "%j")
     assert "--array" not in text and "#SBATCH --requeue" in text
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert "--wait=60" in srun  # a hung rank: the others end 30 s after the 30 s process-group timeout
 
 
 def test_mem_parsing():
