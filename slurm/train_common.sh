@@ -47,12 +47,24 @@ echo "[$(date +%T)] to continue this run later: submit the same command again (s
 "$PY" -m brainage_hpc.launching.requeue start "$RUN_DIR" || true
 
 SRUN_PID=""
+RESEND_PID=""
 got_usr1=0
 stop_signal=""
+resend_usr1() {
+    # srun drops signals that come while it is still launching the tasks; the trainer
+    # only sets a flag on each USR1, so repeating it until srun ends is harmless.
+    while kill -0 "$SRUN_PID" 2>/dev/null; do
+        sleep 10
+        kill -USR1 "$SRUN_PID" 2>/dev/null
+    done
+}
 on_usr1() {
-    got_usr1=1
     echo "[$(date +%T)] batch shell got USR1 ${SECONDS}s after the start: asking the tasks to checkpoint (then requeue)"
-    [ -n "$SRUN_PID" ] && kill -USR1 "$SRUN_PID" 2>/dev/null   # srun forwards USR1 to every task
+    if [ -n "$SRUN_PID" ]; then
+        kill -USR1 "$SRUN_PID" 2>/dev/null   # srun forwards USR1 to every task
+        if [ "$got_usr1" -eq 0 ]; then resend_usr1 & RESEND_PID=$!; fi
+    fi
+    got_usr1=1
 }
 on_stop() {
     stop_signal="$1"
@@ -71,7 +83,10 @@ else
     srun --kill-on-bad-exit=0 ${SRUN_WAIT[@]+"${SRUN_WAIT[@]}"} "$PY" -u -m brainage_hpc.cli train \
         --config "$CONFIG" --run-dir "$RUN_DIR" --resume auto $OVERRIDES &
     SRUN_PID=$!
-    [ "$got_usr1" -eq 1 ] && kill -USR1 "$SRUN_PID" 2>/dev/null   # USR1 came while srun was starting
+    if [ "$got_usr1" -eq 1 ]; then   # USR1 came while srun was starting
+        kill -USR1 "$SRUN_PID" 2>/dev/null
+        resend_usr1 & RESEND_PID=$!
+    fi
 fi
 # `wait` returns early (128+signal) when a trapped signal arrives: keep waiting for srun,
 # and if srun ended while we were in the trap, fetch its own exit status.
@@ -86,6 +101,7 @@ while [ -n "$SRUN_PID" ]; do
     fi
     break
 done
+[ -n "$RESEND_PID" ] && kill "$RESEND_PID" 2>/dev/null
 
 requeue=0
 if [ -n "$stop_signal" ]; then
@@ -100,7 +116,7 @@ elif [ "$got_usr1" -eq 1 ] && [ "$rc" -gt 128 ] && [ "$rc" -ne 130 ] && [ "$rc" 
 fi
 if [ "$requeue" -eq 1 ]; then
     if "$PY" -m brainage_hpc.launching.requeue check "$RUN_DIR" --max-stalled "$MAX_STALLED_REQUEUES"; then
-        echo "[$(date +%T)] checkpoint written (exit $rc): requeueing job $SLURM_JOB_ID"
+        echo "[$(date +%T)] exit $rc after the checkpoint signal: requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi
