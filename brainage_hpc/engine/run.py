@@ -136,6 +136,7 @@ def build_trainer(cfg: RunConfig, run_dir: str | Path, env: DistEnv | None = Non
         "shape": shape,
         "preprocess": manifest.preprocess,
         "affine": [list(map(float, row)) for row in manifest.affine],
+        "fingerprint": manifest.extra.get("fingerprint"),  # contract 4: preprocessing that made the shards
     }
     return Trainer(cfg, run_dir, backend, model, optimizer, train_data, val_data, logger, meta)
 
