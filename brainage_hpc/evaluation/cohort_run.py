@@ -191,9 +191,11 @@ def _predict_items(lm: Any, items: list[dict[str, Any]], default_sex: str) -> li
         return [r for it in items for r in _predict_items(lm, [it], default_sex)]
 
 
-def _record(item: dict[str, Any], pred: dict[str, Any] | None, error: str | None, task: int, infer_s: float) -> dict[str, Any]:
+def _record(item: dict[str, Any], pred: dict[str, Any] | None, error: str | None, task: int, infer_s: float,
+            model: str) -> dict[str, Any]:
     return {
         "kind": "scan",
+        "model": model,
         "index": item["index"],
         "key": item["key"],
         "file": item["scan"].path,
@@ -224,6 +226,7 @@ def score_scans(
     opts: ScoreOptions,
     stop: StopRequest,
     task: int = 0,
+    model: str = "",
 ) -> ScoreOutcome:
     """Prepare, predict and record every scan of ``todo`` (plan index, scan), unless stopped.
 
@@ -235,6 +238,7 @@ def score_scans(
         opts: batch size, workers, default sex, progress bar.
         stop: set by a signal; the loop stops at the next batch boundary.
         task: task id written into every record.
+        model: digest of the weights, written into every record (a rerun reuses only its own model's ages).
 
     Returns:
         The :class:`ScoreOutcome` (``stopped_by`` = the signal number when stopped).
@@ -267,7 +271,7 @@ def score_scans(
             records = []
             for it in batch:
                 pred, error = results.get(id(it), (None, it["error"]))
-                records.append(_record(it, pred, error, task, infer_each if it["volume"] is not None else 0.0))
+                records.append(_record(it, pred, error, task, infer_each if it["volume"] is not None else 0.0, model))
                 outcome.prepare_s += it["prepare_s"]
                 outcome.infer_s += infer_each if it["volume"] is not None else 0.0
                 if error:

@@ -81,6 +81,25 @@ def test_rerun_skips_scored_scans_and_rescores_changed_ones(tmp_path, tiny_model
     assert len(pd.read_csv(out)) == 7
 
 
+def test_rerun_with_other_weights_scores_everything_again(tmp_path, tiny_model, scan_dir, capsys):
+    from tests.predict_fixtures import make_model_bundle
+
+    out = tmp_path / "pred.csv"
+    assert _predict(tiny_model, [scan_dir], out) == 0
+    first = pd.read_csv(out)["pred_age"].to_numpy()
+    other = make_model_bundle(tmp_path / "other" / "model.pt", seed=7, spread=30.0)
+    capsys.readouterr()
+    assert _predict(other, [scan_dir], out) == 0
+    assert "already scored" not in capsys.readouterr().err
+    second = pd.read_csv(out)["pred_age"].to_numpy()
+    assert np.abs(second - first).max() > 0.1  # the new model's ages, not the old ones reused
+    assert len({r["model"] for r in _scan_records(out)}) == 2
+    # an array run refuses a folder planned with other weights
+    assert _predict(tiny_model, [scan_dir], tmp_path / "arr.csv", "--tasks", "2", "--task-id", "0") == 0
+    assert _predict(other, [scan_dir], tmp_path / "arr.csv", "--tasks", "2", "--task-id", "1") == 2
+    assert "scored with other weights" in capsys.readouterr().err
+
+
 def test_kill_9_mid_run_loses_only_the_scans_in_flight(tmp_path, tiny_model, synth_subjects):
     scans = make_scans(tmp_path / "in", 12, synth_subjects)
     out = tmp_path / "pred.csv"
