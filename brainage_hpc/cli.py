@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tabular": ("brainage_hpc.commands.tabular", "FreeSurfer-table models with permutation importance"),
     "model-summary": ("brainage_hpc.commands.model_summary", "layers, output shapes, parameters, GFLOPs"),
     "export": ("brainage_hpc.commands.export", "run (incl. DeepSpeed ZeRO) -> model.pt, ONNX or TorchScript for inference"),
+    "sweep-summary": ("brainage_hpc.commands.sweep_summary", "table of a sweep's runs: overrides, best metric, steps, status"),
 }
 
 
