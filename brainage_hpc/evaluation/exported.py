@@ -217,7 +217,7 @@ def export_model(source: str | Path, out: str | Path | None, fmt: str = "onnx") 
     Raises:
         ValueError: unknown format, unreadable source, or a model that cannot be exported.
     """
-    from brainage_hpc.engine.checkpoint import atomic_torch_save
+    from brainage_hpc.engine.checkpoint import save_sealed
     from brainage_hpc.evaluation.predict import load_model, read_calibration
 
     if fmt not in EXPORT_FORMATS:
@@ -234,7 +234,7 @@ def export_model(source: str | Path, out: str | Path | None, fmt: str = "onnx") 
         bundle = {"format": "brainage-model", "state_dict": lm.model.state_dict(), "config": meta["config"],
                   "shape": meta["shape"], "preprocess": lm.preprocess, "affine": meta["affine"], "step": lm.step,
                   "fingerprint": lm.fingerprint, "calibration": calibration}
-        atomic_torch_save(bundle, out)
+        save_sealed(bundle, out)
     elif fmt == "onnx":
         _export_onnx(_InferenceGraph(model, outputs).eval(), lm, meta, out)
     else:

@@ -18,7 +18,7 @@ import pytest
 from brainage_hpc.cli import main
 from brainage_hpc.evaluation.parts import parts_dir_for, read_records
 from tests import predict_fixtures
-from tests.predict_fixtures import make_scans
+from tests.predict_fixtures import make_scans, subject_scans
 
 # fixtures of tests/predict_fixtures.py used here
 scan_dir = predict_fixtures.scan_dir
@@ -238,7 +238,7 @@ def test_docstring_examples():
 def test_bids_root_with_sessions_gives_one_row_per_session(tmp_path, tiny_model, synth_subjects):
     from brainage_hpc.ingest.bids_writer import BidsScan, write_bids
 
-    src = sorted(synth_subjects.rglob("*.nii.gz"))
+    src = subject_scans(synth_subjects)
     scans = [BidsScan(f"{p}{i}", ses, str(src[(2 * i + j) % len(src)]), 30.0 + i + 2 * j, "MF"[i % 2], f"site{p}")
              for p in "ab" for i in range(2) for j, ses in enumerate(("1", "2"))]
     root = write_bids(tmp_path / "bids", scans)

@@ -11,7 +11,7 @@ import pytest
 
 from brainage_hpc.cli import main
 from tests import predict_fixtures
-from tests.predict_fixtures import make_scans, write_volume
+from tests.predict_fixtures import make_scans, subject_scans, write_volume
 
 # fixtures of tests/predict_fixtures.py used here
 synth_subjects = predict_fixtures.synth_subjects
@@ -117,7 +117,7 @@ def _implausible_volumes(folder: Path, synth_subjects: Path) -> dict[str, Path]:
     box[10:70, 10:86, 10:70] = 500 + 50 * rng.standard_normal((60, 76, 60))
     yy, xx, zz = np.mgrid[:32, :32, :32]
     ellipsoid = ((((xx - 15.5) / 14) ** 2 + ((yy - 15.5) / 15) ** 2 + ((zz - 15.5) / 13) ** 2) <= 1).astype(np.float32)
-    real = nib.load(next(synth_subjects.rglob("*.nii.gz")))
+    real = nib.load(subject_scans(synth_subjects)[0])
     out = {
         "noise cube 60^3": write_volume(folder / "noise.nii.gz", rng.random((60, 60, 60)) * 1000, 1.0),
         "box phantom": write_volume(folder / "box.nii.gz", box, 2.0),
