@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, finish, machine_info, make_ratio, make_result
+from benchmarks.common import REPO, finish, machine_info, make_ratio, make_result, result_path
 
 __all__ = ["main"]
 
@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline", choices=["skullstripped", "raw"], default="skullstripped")
     p.add_argument("--inputs", default=None, help="folder of NIfTI inputs to use instead of the synthetic cohort")
     p.add_argument("--work", default="bench_out/predict_data")
-    p.add_argument("--out", default="bench_out/predict_throughput.json")
+    p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/predict_throughput.json)")
     args = p.parse_args(argv)
+    args.out = args.out or str(result_path("predict_throughput", args.quick))
     if args.quick:
         args.n, args.unique, args.input_mm, args.shapes, args.workers = 6, 2, 3.0, ["demo"], [0, 1]
 
