@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 
-from benchmarks.common import BENCH_OUT, REPO, bench_shards, child_env, finish, make_ratio, make_result
+from benchmarks.common import REPO, bench_shards, child_env, finish, make_ratio, make_result, result_path
 from benchmarks.fault_tools import can_mount, flip_tensor_bytes, mount_tmpfs, unmount
 
 __all__ = ["FAULTS", "Context", "FaultCase", "Verdict", "fault", "main"]
@@ -385,9 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="only the fast cases, once (a smoke run)")
     p.add_argument("--repeat", type=int, default=1, help="run every case this many times (default 1)")
     p.add_argument("--only", nargs="*", default=None, help="case ids (prefix match), e.g. D1 S6")
-    p.add_argument("--out", default=None, help="JSON result (default bench_out/faults.json)")
+    p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/faults.json; quick: bench_out/quick/)")
     args = p.parse_args(argv)
-    out = args.out or str(BENCH_OUT / ("quick" if args.quick else "") / "faults.json")
+    out = args.out or str(result_path("faults", args.quick))
     log_file = Path(tempfile.gettempdir()) / f"brainage-faults-{os.getpid()}.log"
     logging.basicConfig(level=logging.INFO, filename=log_file, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("BRAINAGE_NO_PROGRESS", "1")
