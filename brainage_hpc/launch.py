@@ -94,11 +94,12 @@ class TrainJob(submitit.helpers.Checkpointable):
         self._record_error(env.rank, message)
         raise RuntimeError(message)
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:  # type: ignore[override]
         """A fresh job that resumes from the newest checkpoint on disk, or None (no requeue).
 
         None when SLURM is ending the job (``scancel``: only the USR1 warning may
-        requeue) or when restarts keep saving no new checkpoint.
+        requeue) or when restarts keep saving no new checkpoint. submitit reads None as
+        "do not requeue" (its base class declares no None, hence the type: ignore).
         """
         if not requeue.job_is_running():
             self._refuse("not requeueing: SLURM is ending this job (scancel or the time limit)")
