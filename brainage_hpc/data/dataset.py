@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from brainage_hpc.data.ages import bin_to_class
+from brainage_hpc.data.checksum import CHECKSUM_BYTES
 from brainage_hpc.data.shard_checks import check_shards, warn_if_unchecked
 from brainage_hpc.data.shards import Manifest, ShardReader, load_manifest
 
@@ -165,12 +166,14 @@ class ShardDataset(Dataset):
             return self._cache[pos]
         return self._get_reader().read_index(int(self._shard[i]), int(self._index[i]))
 
-    def _read_into(self, i: int, out: np.ndarray) -> None:
+    def _read_into(self, i: int, out: np.ndarray, padded: bool = False) -> None:
+        """Volume ``i`` into ``out``: float16 (1, D, H, W), or with ``padded`` uint8 of its bytes + 4 (see ShardReader)."""
         pos = self._cache_pos[i]
         if self._cache is not None and pos >= 0:
-            np.copyto(out, self._cache[pos].numpy().reshape(out.shape))
+            dest = out.reshape(-1).view(np.uint8)[: self.volume_bytes].view(np.float16) if padded else out.reshape(-1)
+            np.copyto(dest, self._cache[pos].numpy().reshape(-1))
         else:
-            self._get_reader().read_into(int(self._shard[i]), int(self._index[i]), out)
+            self._get_reader().read_into(int(self._shard[i]), int(self._index[i]), out, padded=padded)
 
     def read_batch(self, keys: Sequence[int | tuple[int, int]]) -> dict[str, Any]:
         """Items ``keys`` (indices, or ``(index, transform_seed)``) as one batch.
@@ -194,11 +197,13 @@ class ShardDataset(Dataset):
             raise IndexError(f"indices must lie in [0, {len(self)}) for split '{self.split}'")
         shape = (len(pairs), 1, *self.shape)
         t = self.transform
-        if t is None:
-            image = _batch_tensor(shape, torch.float16, self.pin_batches)  # (B, 1, D, H, W)
-            arr = image.numpy()
+        if t is None:  # chunks straight into their slots, in slot order (each may spill 4 bytes into the next)
+            vb = self.volume_bytes
+            raw = _batch_tensor((len(pairs) * vb + CHECKSUM_BYTES,), torch.uint8, self.pin_batches)
+            image = raw[: len(pairs) * vb].view(torch.float16).view(shape)  # (B, 1, D, H, W)
+            flat = raw.numpy()
             for j, i in enumerate(idx):
-                self._read_into(int(i), arr[j])
+                self._read_into(int(i), flat[j * vb : (j + 1) * vb + CHECKSUM_BYTES], padded=True)
         else:
             image = _batch_tensor(shape, torch.float32, self.pin_batches)  # (B, 1, D, H, W)
             vol = np.empty(shape[1:], dtype=np.float16)

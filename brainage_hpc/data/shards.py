@@ -314,13 +314,17 @@ class ShardReader:
             self._scratch = np.empty(nbytes, dtype=np.uint8)
         return self._scratch[:nbytes]
 
-    def read_into(self, shard: int, index: int, out: np.ndarray) -> None:
-        """Copy volume ``index`` of ``shard`` into ``out`` after verifying its checksum.
+    def read_into(self, shard: int, index: int, out: np.ndarray, padded: bool = False) -> None:
+        """Put volume ``index`` of ``shard`` into ``out`` after verifying its checksum.
 
         Args:
             shard: shard number in the manifest.
             index: volume index inside the shard.
-            out: writable, C-contiguous float16 array of (1, D, H, W) (any shape of that size).
+            out: writable, C-contiguous; float16 of (1, D, H, W) (any shape of that size), or
+                with ``padded`` a uint8 buffer of at least the volume's bytes + 4.
+            padded: read the chunk straight into ``out`` (no copy through a scratch buffer):
+                the volume lands in its first bytes, and the 4 bytes after it may be
+                overwritten (the chunk's checksum). Fill a batch slot by slot, in order.
 
         Raises:
             ShardError: the shard cannot be read, or the volume is damaged or was rewritten.
@@ -328,13 +332,18 @@ class ShardReader:
         o = self._open(shard)
         if not 0 <= index < o.image.shape[0]:
             raise IndexError(f"{o.path}: volume {index} out of range (0..{o.image.shape[0] - 1})")
-        if out.dtype != np.float16 or out.nbytes != o.volume_bytes or not out.flags.c_contiguous:
-            raise ValueError(f"out must be a C-contiguous float16 array of {o.volume_bytes} bytes, got {out.dtype} {out.shape}")
+        need = o.volume_bytes + CHECKSUM_BYTES if padded else o.volume_bytes
+        if not out.flags.c_contiguous or out.nbytes < need or (not padded and out.dtype != np.float16):
+            raise ValueError(f"out must be a C-contiguous {'uint8' if padded else 'float16'} array of "
+                             f"{'at least ' if padded else ''}{need} bytes, got {out.dtype} {out.shape}")
+        flat = out.reshape(-1).view(np.uint8)
         try:
-            if o.direct:
-                chunk = self._read_chunk(o, index)
-                np.copyto(out.reshape(-1).view(np.uint8), chunk[: o.volume_bytes])
+            if o.direct and padded:
+                self._read_chunk(o, index, flat)
+            elif o.direct:
+                np.copyto(flat, self._read_chunk(o, index)[: o.volume_bytes])
             else:
+                out = flat[: o.volume_bytes].view(np.float16)
                 o.image.read_direct(out.reshape(o.image.shape[1:]), source_sel=np.s_[index])
                 if o.expected is not None:  # HDF5 verified the data; was it rewritten since?
                     self._check_expected(o, index, stored_fletcher32(o.image.id.read_direct_chunk((index, 0, 0, 0, 0))[1]))
@@ -360,10 +369,10 @@ class ShardReader:
     def _fix(self) -> str:
         return f"restore the shard or rerun `brainage preprocess` (`brainage verify {self.root}` lists all damage)"
 
-    def _read_chunk(self, o: _OpenShard, index: int) -> np.ndarray:
-        """The raw chunk of volume ``index`` (payload + checksum when filtered), verified."""
+    def _read_chunk(self, o: _OpenShard, index: int, into: np.ndarray | None = None) -> np.ndarray:
+        """The raw chunk of volume ``index`` (payload + checksum when filtered), verified; in ``into`` or a scratch buffer."""
         need = o.volume_bytes + (CHECKSUM_BYTES if o.checksum else 0)
-        buf = self._buffer(need)
+        buf = self._buffer(need) if into is None else into[:need]
         mask, view = o.image.id.read_direct_chunk((index, 0, 0, 0, 0), out=buf)
         if mask != 0 or len(view) != need:
             raise ShardError(o.path, f"subject {self.subject_at(o.shard, index)} (volume {index}): chunk of {len(view)} bytes "

@@ -311,6 +311,7 @@ def merge_shards(out: str | Path, max_fail_fraction: float = 0.1, known_hashes: 
     """
     from brainage_hpc import __version__
     from brainage_hpc.data.shards import FAILURES_NAME, FORMAT_VERSION, MANIFEST_NAME
+    from brainage_hpc.ingest.fingerprint import preprocessing_fingerprint
     from brainage_hpc.ingest.preprocess import PreprocessConfig, reference_affine
     from brainage_hpc.ingest.shard_writer import read_partial, write_failures, write_json
 
@@ -368,6 +369,7 @@ def merge_shards(out: str | Path, max_fail_fraction: float = 0.1, known_hashes: 
         "n_subjects": len(subjects),
         "n_failures": len(failures),
         "source": plan["source"],
+        "fingerprint": preprocessing_fingerprint(plan["preprocess"]),
     }
     write_json(out / MANIFEST_NAME, manifest)
     print(
