@@ -91,9 +91,9 @@ def _step_log(run_dir: Path, log: str, job: str) -> dict:
         elif kind in ("preempt", "end") and current is not None:
             rows.append([len(rows), current["first"], rec["step"], kind, round(rec["time"] - current["start_time"], 1)])
             current = None
-    return make_result(
+    result = make_result(
         "timelimit_preemption", "Time-limit preemption on SLURM (sbatch --time=2 --signal=B:USR1@50)", [],
-        quick=False, config={"steps": STEPS, "step_sleep_s": float(STEP_SLEEP_S), "time_min": 2, "signal": "B:USR1@50",
+        quick=False, config={"steps": STEPS, "step_sleep_s": float(STEP_SLEEP_S), "time_min": 2, "signal": "B:USR1@50", "nodes": 2,
                              "cluster": "local slurm 22.05, 4 nodes x 2 CPUs on one machine"},
         headers=["restart", "first step", "last step", "ended by", "seconds training"], rows=rows, ratio=None,
         notes=[f"job {job}: every step 1..{STEPS} trained once (metrics.jsonl and TensorBoard event files);"
@@ -101,6 +101,9 @@ def _step_log(run_dir: Path, log: str, job: str) -> dict:
                "the machine is shared by several developers: durations are noisy"],
         job_log=[line for line in log.splitlines() if line.startswith("[")],
     )
+    result["command"] = (f"BRAINAGE_STEP_LOG_OUT={os.environ.get('BRAINAGE_STEP_LOG_OUT')} "
+                         "python -m pytest tests/integration/test_slurm_timelimit.py")
+    return result
 
 
 def test_time_limit_checkpoint_requeue_resume(slurm_cluster, slurm_jobs, tiny_shards, tmp_path):

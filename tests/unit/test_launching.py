@@ -146,6 +146,16 @@ def test_launch_bad_sweep_value_fails_before_submitting(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("sweep", [False, True])
+def test_launch_unusable_run_dir_is_one_line(tmp_path, sweep):
+    (tmp_path / "file").write_text("x")
+    cmd = [sys.executable, "-m", "brainage_hpc.launch", "--config", "cnn_demo", "--run-dir", str(tmp_path / "file" / "r")]
+    out = subprocess.run(cmd + (["--sweep", "train.seed=0,1"] if sweep else []), capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("launch: error:") and "is not a folder" in out.stderr and "Traceback" not in out.stderr
+
+
 # ----------------------------------------------------------------------------- run status / requeue guard
 
 
