@@ -1,6 +1,6 @@
 """AMP on CPU: fp32 vs bf16 autocast forward+backward throughput of the demo models.
 
-``python -m benchmarks.amp [--quick] [--out bench_out/amp.json]``
+``python -m benchmarks.amp [--quick] [--out benchmarks/results/amp.json]``
 
 For each model (the seed CNN of ``cnn_demo`` and the SFCN of ``sfcn_demo``, at
 their 48x56x48 demo size), times ``--steps`` forward+backward passes of a fixed
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import BENCH_OUT, finish, machine_info, make_ratio, make_result, median, set_threads
+from benchmarks.common import finish, machine_info, make_ratio, make_result, median, result_path, set_threads
 
 __all__ = ["main", "fwd_bwd_rate"]
 
@@ -64,13 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="passes per timed block (default 8; quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed blocks per precision (default 5; quick 2)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    p.add_argument("--out", default=None, help="JSON result (default bench_out/amp.json)")
+    p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/amp.json)")
     args = p.parse_args(argv)
     args.steps = args.steps or (1 if args.quick else 8)
     args.repeats = args.repeats or (2 if args.quick else 5)
-    out = args.out or str(BENCH_OUT / ("quick" if args.quick else "") / "amp.json")
+    out = args.out or str(result_path("amp", args.quick))
     logging.basicConfig(level=logging.WARNING)
     set_threads(args.threads)
+    machine = machine_info()  # at the start: its load record is the load before this run
 
     precisions: dict[str, torch.dtype | None] = {"fp32": None, "bf16 autocast": torch.bfloat16}
     rows, raw, speedups = [], {}, {}
@@ -90,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         raw[config] = rates
         print(f"  {label}: fp32 {base:.2f}, bf16 {median(rates['bf16 autocast']):.2f} volumes/s", file=sys.stderr)
 
-    machine = machine_info()
     flags = ", ".join(f for f in machine["cpu_flags"] if "bf16" in f or "amx" in f) or "none"
     text = "bf16 autocast / fp32: " + ", ".join(f"{c} {s:.2f}x" for c, s in speedups.items())
     ratio = make_ratio("bf16 / fp32 volumes/s (lowest model)", min(speedups.values()), None, text=text)

@@ -7,7 +7,17 @@ turns into a section of BENCHMARKS.md::
      "machine": machine_info(), "quick": bool, "config": {...},
      "table": {"headers": [...], "rows": [[...], ...]},
      "ratio": {"label", "value", "target", "op" (">=" | "<="), "met", "text"} or None,
+     "ratios": [ratio, ...]            (all headline lines; "ratio" is the first),
+     "extra_tables": [{"title", "headers", "rows"}, ...],
+     "load": {"loadavg_1m_start", "loadavg_1m_end", "cpu_busy_start", "cores", "noisy"},
      "notes": [str, ...], ...benchmark-specific raw numbers}
+
+Full runs write ``benchmarks/results/<name>.json`` (committed; BENCHMARKS.md and
+the README's numbers are rendered from these files), ``--quick`` smoke runs
+``bench_out/quick/<name>.json`` (never rendered). Adding a benchmark: write
+``benchmarks/<name>.py`` that ends with ``finish(make_result(...), result_path(name, quick))``,
+list it in ``run_all.BENCHMARKS`` and add its ``--quick`` run to
+``tests/integration/test_benchmarks_smoke.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ from typing import Any
 __all__ = [
     "REPO",
     "BENCH_OUT",
+    "RESULTS_DIR",
+    "cpu_busy",
     "bench_shards",
     "child_env",
     "describe_machine",
@@ -41,12 +53,15 @@ __all__ = [
     "median",
     "now_iso",
     "read_jsonl",
+    "result_path",
     "set_threads",
     "sync",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH_OUT = REPO / "bench_out"
+BENCH_OUT = REPO / "bench_out"  # scratch: cached data sets, quick results
+RESULTS_DIR = REPO / "benchmarks" / "results"  # committed results of full runs
+NOISY_BUSY = 0.20  # other processes used more than this share of the cores before the start: flagged noisy
 _SYNTH_MM = 2.0  # voxel size of the cached synthetic cohort (fast to make; upsampled where needed)
 
 
@@ -84,8 +99,26 @@ def _ram_gb() -> float:
     return float("nan")
 
 
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Share of all cores busy over ``seconds`` (from /proc/stat), this process sleeping meanwhile."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)
+        return sum(values), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return round(1.0 - (idle1 - idle0) / total, 3) if total > 0 else None
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU model and flags, cores, RAM, load, Python/torch versions and the GPU (if any)."""
+    """CPU model and flags, cores, RAM, load (1-min average and the busy share over 1 s), versions, GPU."""
     import torch
 
     info: dict[str, Any] = {
@@ -95,6 +128,7 @@ def machine_info() -> dict[str, Any]:
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "ram_gb": _ram_gb(),
         "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "cpu_busy": cpu_busy(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
@@ -112,8 +146,10 @@ def describe_machine(m: dict[str, Any]) -> str:
     """One line: ``AMD EPYC ..., 2 cores, 23.4 GB RAM, load 1.2, torch 2.13.0, Python 3.11.9; GPU: ...``."""
     if not m:
         return "unknown machine"
+    busy = m.get("cpu_busy")
+    busy_text = f", CPU {100 * busy:.0f} % busy before the start" if busy is not None else ""
     text = (f"{m.get('cpu', '?')}, {m.get('cores_usable', m.get('cores', '?'))} cores, {m.get('ram_gb', '?')} GB RAM, "
-            f"load {m.get('loadavg_1m', '?')} at start, torch {m.get('torch', '?')}, Python {m.get('python', '?')}")
+            f"load {m.get('loadavg_1m', '?')} at start{busy_text}, torch {m.get('torch', '?')}, Python {m.get('python', '?')}")
     gpu = m.get("gpu")
     text += f"; GPU: {gpu['count']}x {gpu['name']} ({gpu['memory_gb']} GB, CUDA {gpu['cuda']})" if gpu else "; no GPU"
     return text
@@ -160,12 +196,16 @@ def make_result(name: str, title: str, argv: Sequence[str] | None, *, quick: boo
                 notes: Sequence[str] = (), machine: dict[str, Any] | None = None, **raw: Any) -> dict[str, Any]:
     """The JSON result every benchmark writes (see the module docstring)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    machine = machine if machine is not None else machine_info()
+    raw.setdefault("ratios", [ratio] if ratio else [])
+    raw.setdefault("extra_tables", [])
     return {
         "benchmark": name,
         "title": title,
         "command": " ".join(["python -m", f"benchmarks.{name}", *args]),
         "date": now_iso(),
-        "machine": machine if machine is not None else machine_info(),
+        "machine": machine,
+        "load": load_record(machine),
         "quick": quick,
         "config": config,
         "table": {"headers": list(headers), "rows": [list(r) for r in rows]},
@@ -175,20 +215,51 @@ def make_result(name: str, title: str, argv: Sequence[str] | None, *, quick: boo
     }
 
 
+def load_record(machine: dict[str, Any]) -> dict[str, Any]:
+    """Load at the start (from ``machine``) and now, and whether the run is flagged noisy.
+
+    Noisy: other processes kept more than ``NOISY_BUSY`` of the cores busy in the
+    second before the start, or the 1-min load average exceeded the core count.
+    """
+    cores = machine.get("cores_usable") or machine.get("cores") or 1
+    start, busy = machine.get("loadavg_1m"), machine.get("cpu_busy")
+    noisy = bool((busy is not None and busy > NOISY_BUSY) or (start is not None and start > cores))
+    end = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    return {"loadavg_1m_start": start, "loadavg_1m_end": end, "cpu_busy_start": busy, "cores": cores, "noisy": noisy}
+
+
+def result_path(name: str, quick: bool) -> Path:
+    """Where a benchmark writes its JSON: ``benchmarks/results/`` for full runs, ``bench_out/quick/`` for smoke runs."""
+    return (BENCH_OUT / "quick" if quick else RESULTS_DIR) / f"{name}.json"
+
+
 def finish(result: dict[str, Any], out: str | Path) -> int:
-    """Print the table and the ratio line, write the JSON; return the exit code 0."""
+    """Print the tables and the headline lines, write the JSON; return the exit code 0."""
+    result["load"] = load_record(result.get("machine", {}))  # the end of the run is now
     print(f"\n## {result['title']}{' (quick)' if result.get('quick') else ''}\n")
     print(f"{describe_machine(result.get('machine', {}))}\n")
+    if result["load"]["noisy"]:
+        print(f"NOISY: {noisy_text(result['load'])}\n")
     print(markdown_table(result["table"]["headers"], result["table"]["rows"]))
+    for table in result.get("extra_tables", []):
+        print(f"\n{table['title']}\n\n{markdown_table(table['headers'], table['rows'])}")
     for note in result.get("notes", []):
         print(f"\n{note}")
-    if result.get("ratio"):
-        print(f"\nratio: {result['ratio']['text']}")
+    for r in result.get("ratios") or ([result["ratio"]] if result.get("ratio") else []):
+        print(f"\nratio: {r['text']}")
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"\nwritten {path}")
     return 0
+
+
+def noisy_text(load: dict[str, Any]) -> str:
+    """One sentence saying how loaded the machine was."""
+    busy = load.get("cpu_busy_start")
+    busy_text = f"{100 * busy:.0f} % of the {load.get('cores')} cores busy with other work" if busy is not None else "busy"
+    return (f"the machine was {busy_text} before the start (1-min load average {load.get('loadavg_1m_start')} at the start, "
+            f"{load.get('loadavg_1m_end')} at the end): timings are noisy, rerun on a quiet machine")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Exit stress: N consecutive 2-rank torchrun runs of a very short job; how many exit with code 0.
 
-``python -m benchmarks.exit_stress [--quick] [--runs 50] [--out bench_out/exit_stress.json]``
+``python -m benchmarks.exit_stress [--quick] [--runs 50] [--out benchmarks/results/exit_stress.json]``
 
 Each run is ``python -m torch.distributed.run --nproc_per_node 2 -m
 brainage_hpc.cli train --config cnn_demo`` with a tiny CNN, ``train.max_steps=2``,
@@ -22,7 +22,18 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import BENCH_OUT, REPO, bench_shards, child_env, finish, make_ratio, make_result, median
+from benchmarks.common import (
+    BENCH_OUT,
+    REPO,
+    bench_shards,
+    child_env,
+    finish,
+    machine_info,
+    make_ratio,
+    make_result,
+    median,
+    result_path,
+)
 from benchmarks.ddp_scaling import train_command
 
 __all__ = ["main"]
@@ -38,10 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="train.max_steps per run (default 2)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run before it counts as hung")
-    p.add_argument("--out", default=None, help="JSON result (default bench_out/exit_stress.json)")
+    p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/exit_stress.json)")
     args = p.parse_args(argv)
     args.runs = args.runs or (3 if args.quick else 50)
-    out = args.out or str(BENCH_OUT / ("quick" if args.quick else "") / "exit_stress.json")
+    out = args.out or str(result_path("exit_stress", args.quick))
+    machine = machine_info()
 
     shards = bench_shards(16, (32, 32, 32), 5.0)
     run_root = BENCH_OUT / "runs" / "exit_stress"
@@ -80,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     result = make_result(
         "exit_stress", f"Exit stress: {args.runs} consecutive {args.nproc}-rank torchrun runs", argv, quick=args.quick,
         config={"runs": args.runs, "nproc": args.nproc, "steps": args.steps, "shards": str(shards)},
-        headers=["runs", "exit 0", "exit codes", "abort in stderr", "median wall s"], rows=rows, ratio=ratio,
+        headers=["runs", "exit 0", "exit codes", "abort in stderr", "median wall s"], rows=rows, ratio=ratio, machine=machine,
         notes=[f"`brainage train --config cnn_demo` (tiny CNN, 32^3, ddp/gloo, train.max_steps={args.steps}) under "
                f"`torchrun --nproc_per_node {args.nproc}`; failing runs keep their folders in {run_root}."],
         runs=runs,

@@ -1,6 +1,6 @@
 """GPU benchmark: SFCN at 160x192x160 and the seed CNN at 128^3; precision, channels-last, batch size, loader.
 
-``python -m benchmarks.gpu [--quick] [--out bench_out/gpu.json]``
+``python -m benchmarks.gpu [--quick] [--out benchmarks/results/gpu.json]``
 
 Part 1, model sweep (synthetic batches already on the GPU): for each model,
 fp32 and bf16 autocast, channels-last off and on, batch sizes 1, 2, 4, ... until
@@ -18,6 +18,12 @@ data-wait fraction from ``metrics.jsonl`` and the GPU busy share over the
 same windows. Target (DESIGN.md section 7): the pipeline keeps the GPU
 >= 90 % busy.
 
+Part 3, host-device syncs: the real ``Trainer`` (in this process, synthetic
+batches on the device) runs one epoch under ``torch.cuda.set_sync_debug_mode("warn")``;
+every synchronising CUDA call (``.item()``, ``.tolist()``, a blocking copy, a
+``nonzero``...) raises a warning, which is counted per optimizer step and by
+source line (DESIGN.md section 7: O(1) per logging interval, not per micro-batch).
+
 Without CUDA it prints "no GPU: skipped", writes a JSON saying so and exits 0.
 ``--device cpu`` runs the same code on the CPU (for checking it; use small
 ``--sfcn-shape/--cnn-shape/--loader-shape``).
@@ -26,14 +32,17 @@ Without CUDA it prints "no GPU: skipped", writes a JSON saying so and exits 0.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +59,11 @@ from benchmarks.common import (
     make_result,
     median,
     read_jsonl,
+    result_path,
     sync,
 )
 
-__all__ = ["main", "BusySampler", "sweep_model", "train_step_rate"]
+__all__ = ["main", "BusySampler", "count_syncs", "sweep_model", "train_step_rate"]
 
 TARGET_BUSY = 0.90
 log = logging.getLogger("benchmarks.gpu")
@@ -261,6 +271,45 @@ def _loader_run(mode: str, shards: Path, args: argparse.Namespace, sampler: Busy
     return res
 
 
+def count_syncs(device: torch.device, config: str = "cnn_demo", shape: tuple[int, int, int] = (48, 56, 48),
+                batch: int = 4, steps: int = 8, log_every: int = 4, grad_accum: int = 1) -> dict[str, Any]:
+    """Synchronising CUDA calls per optimizer step of the real ``Trainer`` (one epoch of ``steps`` steps).
+
+    Runs one untimed epoch first (allocations, the TensorBoard writer), then one
+    under ``torch.cuda.set_sync_debug_mode("warn")`` and counts the warnings.
+    Without CUDA nothing can be counted: ``per_step`` is None.
+
+    Returns:
+        ``{"syncs", "steps", "per_step", "log_every", "grad_accum", "sources": {file:line: count}}``.
+    """
+    from benchmarks.trainer_overhead import _build
+
+    out: dict[str, Any] = {"steps": steps, "log_every": log_every, "grad_accum": grad_accum, "syncs": None,
+                           "per_step": None, "sources": {}}
+    ns = argparse.Namespace(config=config, shape=list(shape), batch=batch, steps=steps * grad_accum, log_every=log_every,
+                            override=[f"train.grad_accum={grad_accum}"])
+    with tempfile.TemporaryDirectory(prefix="bench_syncs_") as tmp:
+        trainer, *_ = _build(ns, Path(tmp), device)
+        trainer.train_epoch()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    trainer.train_epoch()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            hits = [w for w in caught if "synchroniz" in str(w.message).lower()]
+            out["syncs"] = len(hits)
+            out["per_step"] = len(hits) / steps
+            out["sources"] = dict(collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in hits).most_common(8))
+        else:
+            trainer.train_epoch()  # the same code path runs; nothing to count without CUDA
+        trainer.logger.close()
+    return out
+
+
 def _skipped(args: argparse.Namespace, argv: list[str] | None, reason: str) -> int:
     print(f"no GPU: skipped ({reason})")
     result = make_result("gpu", "GPU throughput (SFCN 160x192x160, seed CNN 128^3)", argv, quick=args.quick,
@@ -288,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-steps", type=int, default=None, help="timed steps at least (default 5; quick 2)")
     p.add_argument("--seconds", type=float, default=None, help="timed seconds at least per point (default 3; quick 0.5)")
     p.add_argument("--no-loader", action="store_true", help="skip part 2 (the real pipeline)")
+    p.add_argument("--no-syncs", action="store_true", help="skip part 3 (host-device syncs per step)")
     p.add_argument("--loader-config", default="sfcn_hcp")
     p.add_argument("--loader-shape", type=int, nargs=3, default=[160, 192, 160])
     p.add_argument("--loader-voxel-mm", type=float, default=1.0)
@@ -299,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default min(8, CPUs))")
     p.add_argument("--threads", type=int, default=4, help="OMP threads of the training process (default 4)")
     p.add_argument("--timeout", type=int, default=900)
-    p.add_argument("--out", default=None, help="JSON result (default bench_out/gpu.json)")
+    p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/gpu.json)")
     args = p.parse_args(argv)
     q = args.quick
     args.max_batch = args.max_batch or (2 if q else 256)
@@ -310,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args.log_every = args.log_every or (2 if q else 4)
     args.skip = args.skip if args.skip is not None else (1 if q else 2)
     args.workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
-    args.out = args.out or str(BENCH_OUT / ("quick" if q else "") / "gpu.json")
+    args.out = args.out or str(result_path("gpu", q))
     logging.basicConfig(level=logging.WARNING)
 
     device = torch.device(args.device)
@@ -334,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                                   workers=min(8, os.cpu_count() or 1))
             for mode in ("gpu-resident", "dataloader"):
                 loader_runs.append(_loader_run(mode, shards, args, sampler))
+        syncs = [] if args.no_syncs else [count_syncs(device, steps=4 if q else 8, log_every=2 if q else 4, grad_accum=g)
+                                          for g in (1, 2)]
     finally:
         sampler.stop()
 
@@ -364,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.min_steps} steps and {args.seconds:g} s; cuDNN benchmark and TF32 on."]
     notes += [f"best {m} {pr}: batch {pt['batch']}, channels-last {'on' if pt['channels_last'] else 'off'}, "
               f"{pt['vps']:.1f} volumes/s, {_fmt(pt['peak_gb'])} GB" for (m, pr), pt in best.items()]
+    for s in syncs:
+        where = ", ".join(f"{k} ({v})" for k, v in s["sources"].items()) or "–"
+        per = "n/a without CUDA" if s["per_step"] is None else f"{s['per_step']:.2f}"
+        notes.append(f"Host-device syncs per optimizer step (Trainer, grad_accum {s['grad_accum']}, log every "
+                     f"{s['log_every']} steps, {s['steps']} steps): {per}; sources: {where}.")
     ratio = None
     if loader_runs:
         main_run = loader_runs[0]
@@ -378,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         config={k: v for k, v in vars(args).items() if k not in ("out",)},
         headers=["model", "precision", "channels-last", "batch", "volumes/s", "peak GB", "GPU busy", "data wait"],
         rows=rows, ratio=ratio, notes=notes, points=points, loader_runs=loader_runs, busy_source=sampler.source,
+        syncs=syncs,
     )
     return finish(result, args.out)
 

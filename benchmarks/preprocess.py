@@ -1,6 +1,6 @@
 """Preprocessing benchmark: subjects/s of ``brainage preprocess`` with 1 and 2 workers.
 
-``python -m benchmarks.preprocess [--n 24] [--workers 1 2] [--out bench_out/preprocess.json]``
+``python -m benchmarks.preprocess [--quick] [--n 24] [--workers 1 2] [--out benchmarks/results/preprocess.json]``
 
 Builds (once, kept in ``--work``) a synthetic HCP-layout cohort at ``--input-mm``
 (2 mm, 99x117x95 int16 NIfTI by default), then times the whole ``brainage
@@ -100,15 +100,25 @@ def _compression(shards: Path, tmp: Path) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.preprocess", description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=24, help="subjects (default 24)")
+    p.add_argument("--quick", action="store_true", help="4 subjects to 32^3 (a smoke run, not a measurement)")
+    p.add_argument("--n", type=int, default=None, help="subjects (default 24; quick 4)")
     p.add_argument("--input-mm", type=float, default=2.0, help="voxel size of the synthetic NIfTI inputs")
-    p.add_argument("--shape", type=int, nargs=3, default=[128, 128, 128])
-    p.add_argument("--voxel-mm", type=float, default=1.0, help="output voxel size")
+    p.add_argument("--shape", type=int, nargs=3, default=None, help="output shape (default 128 128 128; quick 32 32 32)")
+    p.add_argument("--voxel-mm", type=float, default=None, help="output voxel size (default 1; quick 5)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--shard-size", type=int, default=8)
+    p.add_argument("--shard-size", type=int, default=None, help="subjects per shard (default 8; quick 2)")
     p.add_argument("--work", default="bench_out/preprocess_data", help="cohort (kept, reused) and scratch shards")
-    p.add_argument("--out", default="bench_out/preprocess.json")
+    p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/preprocess.json)")
     args = p.parse_args(argv)
+    q = args.quick
+    args.n = args.n or (4 if q else 24)
+    args.shape = args.shape or ([32] * 3 if q else [128] * 3)
+    args.voxel_mm = args.voxel_mm or (5.0 if q else 1.0)
+    args.shard_size = args.shard_size or (2 if q else 8)
+    from benchmarks.common import finish, machine_info, make_ratio, make_result, result_path
+
+    args.out = args.out or str(result_path("preprocess", q))
+    machine = machine_info()
 
     import logging
 
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         str(args.shard_size),
         "--no-progress",
     ]
-    vol_times = _volume_times(root, cfg)
+    vol_times = _volume_times(root, cfg, k=2 if q else 8)
     runs = []
     for workers in args.workers:
         out = work / f"shards_w{workers}"
@@ -154,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     comp = _compression(work / f"shards_w{args.workers[0]}", work)
-    from benchmarks.common import finish, make_result
 
     shape = "x".join(map(str, args.shape))
     base = runs[0]["subjects_per_s"]
@@ -164,12 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     notes += ["Compression (shard size and speed): " + "; ".join(
         f"{c['compression']}: {c['mb_per_volume']:.2f} MB/volume, write {c['write_volumes_per_s']:.0f} vol/s, "
         f"read {c['read_volumes_per_s']:.0f} vol/s" for c in comp)]
+    speedup = runs[-1]["subjects_per_s"] / base
+    ratio = make_ratio(f"{runs[-1]['workers']} vs {runs[0]['workers']} workers", speedup, None,
+                       text=f"`brainage preprocess` {runs[-1]['workers']} vs {runs[0]['workers']} worker(s) = {speedup:.2f}x "
+                            f"({runs[-1]['subjects_per_s']:.1f} subjects/s)")
     result = make_result(
-        "preprocess", "Preprocessing (brainage preprocess, whole command)", argv, quick=False,
+        "preprocess", "Preprocessing (brainage preprocess, whole command)", argv, quick=q, machine=machine,
         config={"input": f"synthetic {args.input_mm:g} mm NIfTI (int16, gzip)", "shape": list(args.shape),
                 "voxel_mm": args.voxel_mm, "intensity": "zscore", "n": args.n},
         headers=["input -> output", "workers", "subjects", "wall s", "subjects/s", "speed-up", "CPU s/subject"],
-        rows=rows, ratio=None, notes=notes, runs=runs, compression=comp,
+        rows=rows, ratio=ratio, notes=notes, runs=runs, compression=comp,
         preprocess_volume_s={"median": statistics.median(vol_times), "min": min(vol_times), "n": len(vol_times)},
     )
     return finish(result, args.out)

@@ -1,6 +1,6 @@
 """Trainer overhead: our ``Trainer`` vs a bare PyTorch loop on the same model, optimizer and batches.
 
-``python -m benchmarks.trainer_overhead [--quick] [--out bench_out/trainer_overhead.json]``
+``python -m benchmarks.trainer_overhead [--quick] [--pairs 20] [--out benchmarks/results/trainer_overhead.json]``
 
 Both sides train a model built by ``build_model`` from the same config (the
 ``cnn_demo`` seed CNN at 48x56x48 by default), from the same initial weights,
@@ -34,11 +34,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from benchmarks.common import BENCH_OUT, finish, make_ratio, make_result, median, set_threads, sync
+from benchmarks.common import finish, machine_info, make_ratio, make_result, median, result_path, set_threads, sync
 
-__all__ = ["main", "InMemoryData", "bare_epoch", "trainer_epoch"]
+__all__ = ["main", "InMemoryData", "bare_epoch", "bootstrap_ratio_ci", "describe_ci", "trainer_epoch"]
 
 TARGET_SLOWDOWN = 0.05
 
@@ -131,29 +132,85 @@ def _build(args: argparse.Namespace, run_dir: Path, device: torch.device) -> tup
     return trainer, bare_model, bare_opt, cfg
 
 
+def bootstrap_ratio_ci(ours: list[float], bare: list[float], n_boot: int = 10_000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """Ratio of mean epoch times (ours / bare) and its percentile bootstrap CI, resampling the pairs.
+
+    Args:
+        ours: seconds per epoch of the trainer, one per pair.
+        bare: seconds per epoch of the bare loop, the same pairs.
+
+    Returns:
+        (point estimate, lower, upper).
+    """
+    a, b = np.asarray(ours, dtype=np.float64), np.asarray(bare, dtype=np.float64)
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError("need at least 2 pairs of equal length")
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(n_boot, a.size))  # (n_boot, pairs)
+    ratios = a[idx].mean(axis=1) / b[idx].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(ratios, [tail, 100 - tail])
+    return float(a.mean() / b.mean()), float(lo), float(hi)
+
+
+def describe_ci(point: float, lo: float, hi: float, target: float) -> str:
+    """The sentence a reader may draw from the CI, and nothing more."""
+    pct = lambda r: f"{100 * abs(r - 1):.1f} %"  # noqa: E731
+    if lo > 1.0:
+        verdict = f"slower by {pct(lo)} to {pct(hi)}"
+    elif hi < 1.0:
+        verdict = f"faster by {pct(hi)} to {pct(lo)}"
+    else:
+        verdict = f"no difference resolved: between {pct(lo)} faster and {pct(hi)} slower"
+    return (f"Trainer / bare epoch time = {point:.3f} (95 % CI {lo:.3f}–{hi:.3f}): {verdict} "
+            f"(target: upper bound ≤ {target:.2f})")
+
+
+def _reset(model: torch.nn.Module, optimizer: Any, init: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    model.load_state_dict(init[0])
+    optimizer.load_state_dict(copy.deepcopy(init[1]))
+
+
+def _time_checkpoints(trainer: Any, run_dir: Path, n: int) -> tuple[list[float], float]:
+    """ms of ``n`` ``save_checkpoint`` calls (as ``fit`` writes at every epoch end) and the file size in MB."""
+    times = []
+    for _ in range(n):
+        trainer.state.step += 1  # a new step: a new file, then last.pt and pruning, as in a run
+        sync(trainer.backend.device)
+        t0 = time.perf_counter()
+        path = trainer.save_checkpoint()
+        times.append(1e3 * (time.perf_counter() - t0))
+    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return times, size / 2**20
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.trainer_overhead", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="few steps and repeats (a smoke run, not a measurement)")
+    p.add_argument("--quick", action="store_true", help="few steps and pairs (a smoke run, not a measurement)")
     p.add_argument("--config", default="cnn_demo", help="config whose model is benchmarked (default cnn_demo)")
     p.add_argument("--shape", type=int, nargs=3, default=[48, 56, 48], metavar=("D", "H", "W"))
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=None, help="steps per timed epoch (default 30; quick 5)")
-    p.add_argument("--repeats", type=int, default=None, help="timed epochs per side (default 7; quick 2)")
-    p.add_argument("--log-every", type=int, default=None, help="trainer log interval in steps (default 10; quick 5)")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed epoch (default 30; quick 3)")
+    p.add_argument("--pairs", type=int, default=None, help="paired, interleaved epochs (default 20; quick 3)")
+    p.add_argument("--checkpoints", type=int, default=None, help="timed save_checkpoint calls (default 5; quick 2)")
+    p.add_argument("--log-every", type=int, default=None, help="trainer log interval in steps (default 10; quick 3)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--override", nargs="*", default=[], help="extra config overrides, e.g. model.params.width=16")
-    p.add_argument("--out", default=None, help="JSON result (default bench_out/trainer_overhead.json)")
+    p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/trainer_overhead.json)")
     args = p.parse_args(argv)
-    args.steps = args.steps or (5 if args.quick else 30)
-    args.repeats = args.repeats or (2 if args.quick else 7)
-    args.log_every = args.log_every or (5 if args.quick else 10)
-    out = args.out or str(BENCH_OUT / ("quick" if args.quick else "") / "trainer_overhead.json")
+    args.steps = args.steps or (3 if args.quick else 30)
+    args.pairs = args.pairs or (3 if args.quick else 20)
+    args.checkpoints = args.checkpoints or (2 if args.quick else 5)
+    args.log_every = args.log_every or (3 if args.quick else 10)
+    out = args.out or str(result_path("trainer_overhead", args.quick))
     logging.basicConfig(level=logging.WARNING)
     set_threads(args.threads)
+    machine = machine_info()
     # Denormal floats slow CPU arithmetic by an amount that depends on the weights, so two
     # copies of a model that drift apart ran up to 15 % apart here for that reason alone;
-    # flushing them to zero makes both sides measure the loop, not the numbers.
+    # flushing them to zero (and restarting both from the same weights every epoch) makes
+    # both sides measure the loop, not the numbers.
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
 
@@ -161,40 +218,54 @@ def main(argv: list[str] | None = None) -> int:
         trainer, bare_model, bare_opt, cfg = _build(args, Path(tmp), device)
         batches = trainer.train_data.loader
         n_vol = args.steps * args.batch
+        ours_model = trainer.backend.unwrap(trainer.model)
+        init = (copy.deepcopy(bare_model.state_dict()), copy.deepcopy(bare_opt.state_dict()))
         while True:  # warm-up until the first log line is out (allocator, autograd graph, TensorBoard writer)
             trainer_epoch(trainer, n_vol)
             if trainer.state.step >= args.log_every:
                 break
         bare_epoch(bare_model, bare_opt, batches, device)
-        ours, bare = [], []
-        for _ in range(args.repeats):
-            ours.append(trainer_epoch(trainer, n_vol))
-            bare.append(bare_epoch(bare_model, bare_opt, batches, device))
+        ours_s, bare_s = [], []
+        for k in range(args.pairs):  # ABBA: each side goes first in half of the pairs
+            sides = ("ours", "bare") if k % 2 == 0 else ("bare", "ours")
+            for side in sides:
+                if side == "ours":
+                    _reset(ours_model, trainer.optimizer, init)
+                    ours_s.append(n_vol / trainer_epoch(trainer, n_vol))
+                else:
+                    _reset(bare_model, bare_opt, init)
+                    bare_s.append(n_vol / bare_epoch(bare_model, bare_opt, batches, device))
+        ckpt_ms, ckpt_mb = _time_checkpoints(trainer, Path(tmp), args.checkpoints)
         trainer.logger.close()
 
-    m_ours, m_bare = median(ours), median(bare)
-    ratio_value = m_ours / m_bare
-    slower = 1.0 - ratio_value
+    point, lo, hi = bootstrap_ratio_ci(ours_s, bare_s)
+    limit = 1.0 + TARGET_SLOWDOWN
+    text = describe_ci(point, lo, hi, limit)
+    epoch_ms = 1e3 * median(ours_s)
     rows = [
-        ["bare PyTorch loop", f"{m_bare:.2f}", f"{min(bare):.2f}–{max(bare):.2f}", "1.000"],
-        ["brainage Trainer (single, fp32)", f"{m_ours:.2f}", f"{min(ours):.2f}–{max(ours):.2f}", f"{ratio_value:.3f}"],
+        ["bare PyTorch loop", f"{n_vol / median(bare_s):.2f}", f"{1e3 * median(bare_s):.0f}", "1.000", ""],
+        [f"brainage Trainer ({cfg.train.backend}, fp32)", f"{n_vol / median(ours_s):.2f}", f"{epoch_ms:.0f}",
+         f"{point:.3f}", f"{lo:.3f}–{hi:.3f}"],
+        ["epoch-end checkpoint (save_checkpoint)", "", f"{median(ckpt_ms):.0f}", "", f"{ckpt_mb:.1f} MB per checkpoint"],
     ]
-    ratio = make_ratio(
-        "Trainer / bare volumes/s", ratio_value, 1.0 - TARGET_SLOWDOWN, ">=",
-        text=(f"Trainer / bare = {ratio_value:.3f}, i.e. "
-              + (f"{100 * slower:.1f} % slower" if slower > 0 else f"{-100 * slower:.1f} % faster (within run-to-run spread)")
-              + f" (target ≤ {100 * TARGET_SLOWDOWN:.0f} % slower)"),
-    )
+    ratio = make_ratio("Trainer / bare epoch time, 95 % CI upper bound", hi, limit, "<=", text=text)
     model = f"{cfg.model.name} {cfg.model.params}"
     result = make_result(
         "trainer_overhead", "Trainer overhead vs a bare PyTorch loop", argv, quick=args.quick,
         config={"config": args.config, "model": model, "shape": args.shape, "batch": args.batch, "steps": args.steps,
-                "repeats": args.repeats, "threads": args.threads, "device": args.device, "log_every": args.log_every},
-        headers=["loop", "volumes/s (median)", "range", "vs bare"], rows=rows, ratio=ratio,
+                "pairs": args.pairs, "threads": args.threads, "device": args.device, "log_every": args.log_every},
+        headers=["loop", "volumes/s (median)", "ms per epoch (median)", "time vs bare", "95 % CI / size"],
+        rows=rows, ratio=ratio, machine=machine,
         notes=[f"{model} at {'x'.join(map(str, args.shape))}, batch {args.batch}, {args.steps} steps per epoch, "
-               f"median of {args.repeats} interleaved epochs after warm-up, {args.threads} torch threads, "
-               f"{args.device}; data in memory, no validation or checkpoints."],
-        volumes_per_s={"trainer": ours, "bare": bare},
+               f"{args.pairs} pairs of epochs interleaved ABBA, both sides restarted from the same weights and optimizer "
+               f"state every epoch, {args.threads} torch threads, {args.device}; data in memory, no validation.",
+               "The ratio is mean trainer epoch time / mean bare epoch time; the CI is a percentile bootstrap over the "
+               "pairs (10,000 resamples). The sentence in the headline follows from the CI alone.",
+               f"The checkpoint fit() writes at every epoch end is timed apart: median {median(ckpt_ms):.0f} ms over "
+               f"{args.checkpoints} saves ({ckpt_mb:.1f} MB each), {100 * median(ckpt_ms) / epoch_ms:.1f} % of one "
+               f"{args.steps}-step epoch here."],
+        epoch_seconds={"trainer": ours_s, "bare": bare_s}, ratio_ci={"point": point, "lo": lo, "hi": hi},
+        checkpoint_ms=ckpt_ms, checkpoint_mb=ckpt_mb,
     )
     return finish(result, out)
 

@@ -22,13 +22,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "qc": ("brainage_hpc.commands.qc", "QC page of preprocessed shards: slices, mask contours, template edges, outliers"),
     "train": ("brainage_hpc.commands.train", "train a model (single process, torchrun, or SLURM srun)"),
     "evaluate": ("brainage_hpc.commands.evaluate", "metrics, predictions.csv and plots for a trained run"),
-    "predict": ("brainage_hpc.commands.predict", "predict brain age for raw NIfTI files"),
+    "predict": ("brainage_hpc.commands.predict", "brain age of a cohort of NIfTI scans (resumable; SLURM array tasks; merge)"),
     "gradcam": ("brainage_hpc.commands.gradcam", "3D Grad-CAM maps (NIfTI + PNG overlays)"),
     "latent": ("brainage_hpc.commands.latent", "CVAE latent-space projections coloured by age"),
     "generate": ("brainage_hpc.commands.generate", "CVAE: generate brains at a given age"),
     "tabular": ("brainage_hpc.commands.tabular", "FreeSurfer-table models with permutation importance"),
     "model-summary": ("brainage_hpc.commands.model_summary", "layers, output shapes, parameters, GFLOPs"),
-    "export": ("brainage_hpc.commands.export", "checkpoint (incl. DeepSpeed ZeRO) -> plain state_dict"),
+    "export": ("brainage_hpc.commands.export", "run (incl. DeepSpeed ZeRO) -> model.pt, ONNX or TorchScript for inference"),
+    "sweep-summary": ("brainage_hpc.commands.sweep_summary", "table of a sweep's runs: overrides, best metric, steps, status"),
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import tempfile
 import typing
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from brainage_hpc.config_rules import ConfigError, check_params, check_ranges
 
 __all__ = [
     "AugmentConfig",
@@ -29,6 +32,8 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_params",
+    "config_from_dict",
     "config_to_dict",
     "load_config",
     "parse_override",
@@ -41,10 +46,6 @@ BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
 Task = Literal["regress", "classify4", "classify2"]
 Precision = Literal["32", "bf16-mixed", "16-mixed"]
 Backend = Literal["single", "ddp", "deepspeed"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line naming the key and the source."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class TrainConfig:
     offload_optimizer: bool = False
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated config
     progress: bool = True
+    dist_timeout_s: int = 600  # process-group timeout: a dead rank frees the allocation after this long
 
 
 @dataclass(frozen=True)
@@ -142,12 +144,19 @@ class LaunchConfig:
     gpus_per_node: int = 0
     tasks_per_node: int = 0  # 0: one per GPU, or one per node on CPU
     cpus_per_task: int = 2
-    mem_gb: int = 0  # 0: leave to the cluster default
+    mem_gb: float = 0  # memory per node in GB (--mem 64G, 500M -> 0.488); 0: leave to the cluster default
     partition: str = ""
     account: str = ""
+    qos: str = ""  # --qos
+    constraint: str = ""  # --constraint, node features (e.g. "a100&ib")
+    exclude: str = ""  # --exclude, nodes to avoid (e.g. "gpu[03-04]")
+    mail_type: str = ""  # --mail-type (e.g. END,FAIL)
+    mail_user: str = ""  # --mail-user
     time_min: int = 60
-    signal_delay_s: int = 120
+    signal_delay_s: int = 120  # USR1 this long before the time limit: checkpoint + requeue
     max_requeues: int = 20
+    max_stalled_requeues: int = 3  # stop requeueing after this many restarts in a row without a new checkpoint
+    array_parallelism: int = 0  # sweeps: array tasks running at once (%N); 0: all
     slurm_additional: dict[str, Any] = field(default_factory=dict)
 
 
@@ -187,8 +196,8 @@ def _check_scalar(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key}={value!r} must be an integer")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key}={value!r} must be a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{source}: {key}={value!r} must be a finite number")
         return float(value)
     if tp is str:
         if value is None:
@@ -339,12 +348,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         raw = apply_overrides(raw, overrides)
         source = f"{source} (with overrides)"
-    return _build(RunConfig, raw, "", source)
+    cfg = _build(RunConfig, raw, "", source)
+    check_ranges(cfg, source)
+    return cfg
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
     """Rebuild a RunConfig from ``config_to_dict`` output (e.g. inside a checkpoint)."""
-    return _build(RunConfig, raw, "", source)
+    cfg = _build(RunConfig, raw, "", source)
+    check_ranges(cfg, source)
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

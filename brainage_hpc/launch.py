@@ -1,15 +1,20 @@
-"""Submit a training run to SLURM (or run it locally) with submitit.
+"""Submit a training run, or a sweep as one job array, to SLURM (or run it locally) with submitit.
 
     python -m brainage_hpc.launch --config cvae_demo --nodes 4 --executor slurm \\
         --run-dir checkpoints/cvae4 --wait train.epochs=2
+    python -m brainage_hpc.launch --config cnn_hcp --sweep train.lr=1e-3,3e-4 \\
+        --sweep train.seed=0,1 --max-parallel 2 --run-dir checkpoints/lr-seed --wait
 
 One task per GPU (one per node on CPU); rank and master come from
-``submitit.helpers.TorchDistributedEnvironment``. Preemption: SLURM sends
-SIGUSR1 ``launch.signal_delay_s`` seconds before the end; every rank's trainer
-sets a flag, all ranks agree at the next step boundary, rank 0 checkpoints,
-and the job requeues itself through submitit's own path (``checkpoint()``
-returns a fresh :class:`TrainJob` that resumes with ``--resume auto``).
-The model is never pickled: state goes through the checkpoint on disk.
+``submitit.helpers.TorchDistributedEnvironment``. Signals (contract 1):
+SLURM sends SIGUSR1 ``launch.signal_delay_s`` seconds before the time limit;
+every rank's trainer sets a flag, rank 0 checkpoints at the next step boundary,
+the trainer exits 3 and the job requeues itself through submitit's own path
+(``checkpoint()`` returns a fresh :class:`TrainJob` that resumes with
+``--resume auto``), unless restarts stop making progress. ``scancel`` (SIGTERM)
+checkpoints and ends the job: it is never requeued. Run it again with the same
+command (same ``--run-dir``, or the default ``checkpoints/<config name>``) to
+continue. The model is never pickled: state goes through the checkpoint on disk.
 """
 
 from __future__ import annotations
@@ -29,14 +34,19 @@ os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
 import submitit  # noqa: E402
 
 from brainage_hpc.config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config  # noqa: E402
+from brainage_hpc.launching import requeue  # noqa: E402
+from brainage_hpc.launching.executor import build_executor, dry_run_script, parse_mem_gb, time_limit_warning  # noqa: E402
+from brainage_hpc.launching.sweep import SweepPoint, expand_grid, load_sweep_file, parse_sweep_arg, write_sweep  # noqa: E402
+from brainage_hpc.launching.waiting import JobOutcome, wait_for_jobs  # noqa: E402
 
-__all__ = ["TrainJob", "build_executor", "main"]
+__all__ = ["ERROR_FILE", "TrainJob", "build_executor", "main"]
 
 log = logging.getLogger(__name__)
+ERROR_FILE = "launch_error.txt"  # in the run folder when a job ended with an error (read by sweep-summary)
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """A submitit callable that trains, and requeues itself on preemption."""
+    """A submitit callable that trains, and requeues itself after SIGUSR1 while it makes progress."""
 
     def __init__(self, cfg: dict[str, Any], run_dir: str, resume: str = "auto") -> None:
         self.cfg = cfg
@@ -44,13 +54,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.resume = resume
 
     def __call__(self) -> dict[str, Any]:
-        from brainage_hpc.engine.distributed import DistEnv
+        from brainage_hpc.engine.distributed import DistEnv, _resolvable
         from brainage_hpc.engine.run import train_main
         from brainage_hpc.engine.trainer import PREEMPT_EXIT_CODE
 
         tde = submitit.helpers.TorchDistributedEnvironment()
-        from brainage_hpc.engine.distributed import _resolvable
-
         env = DistEnv(
             rank=tde.rank,
             local_rank=tde.local_rank,
@@ -59,20 +67,61 @@ class TrainJob(submitit.helpers.Checkpointable):
             master_port=tde.master_port,
             source="slurm",
         )
-        cfg = config_from_dict(self.cfg, source=f"{self.run_dir}/config.yaml")
-        code = train_main(cfg, self.run_dir, resume=self.resume, env=env)
+        run_dir = Path(self.run_dir)
+        if env.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / ERROR_FILE).unlink(missing_ok=True)
+            requeue.record_start(run_dir)
+        try:
+            cfg = config_from_dict(self.cfg, source=f"{self.run_dir}/config.yaml")
+            code = train_main(cfg, self.run_dir, resume=self.resume, env=env)
+        except Exception as exc:
+            self._record_error(env.rank, f"{exc.__class__.__name__}: {exc}")
+            raise
         _shutdown_process_group()
+        if code == 0:
+            return {"run_dir": self.run_dir, "rank": env.rank, "world_size": env.world_size}
         if code == PREEMPT_EXIT_CODE:
             if env.rank == 0:
-                self._requeue_via_submitit()
+                self._requeue_via_submitit()  # exits; raises when the guard refuses
             sys.exit(-1)  # like submitit's own handler: no result, the job comes back
-        if code != 0:
-            raise RuntimeError(f"training in {self.run_dir} ended with exit code {code} (see {self.run_dir}/train.log)")
-        return {"run_dir": self.run_dir, "rank": env.rank, "world_size": env.world_size}
+        if code > 128:
+            name = _signal_name(code - 128)
+            message = (f"training in {self.run_dir} stopped by {name} (exit {code}) after checkpointing; not requeued. "
+                       f"Run the same launch command again to continue.")
+        else:
+            message = f"training in {self.run_dir} ended with exit code {code} (see {self.run_dir}/train.log)"
+        self._record_error(env.rank, message)
+        raise RuntimeError(message)
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """Resubmit a fresh job that resumes from the newest checkpoint on disk."""
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+        """A fresh job that resumes from the newest checkpoint on disk, or None (no requeue).
+
+        None when SLURM is ending the job (``scancel``: only the USR1 warning may
+        requeue) or when restarts keep saving no new checkpoint.
+        """
+        if not requeue.job_is_running():
+            self._refuse("not requeueing: SLURM is ending this job (scancel or the time limit)")
+            return None
+        max_stalled = int((self.cfg.get("launch") or {}).get("max_stalled_requeues", 3))
+        decision = requeue.decide_requeue(self.run_dir, max_stalled)
+        if not decision.requeue:
+            self._refuse(decision.message)
+            return None
+        log.warning("%s", decision.message)
         return submitit.helpers.DelayedSubmission(TrainJob(self.cfg, self.run_dir, "auto"))
+
+    def _refuse(self, message: str) -> None:
+        log.error("%s", message)
+        self._record_error(0, message)
+
+    def _record_error(self, rank: int, message: str) -> None:
+        if rank != 0:
+            return
+        try:
+            (Path(self.run_dir) / ERROR_FILE).write_text(message.strip().splitlines()[-1] + "\n" if message.strip() else "error\n")
+        except OSError:
+            pass  # the job's own error report is what matters; this file only helps sweep-summary
 
     @staticmethod
     def _requeue_via_submitit() -> None:
@@ -83,6 +132,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         delayed = DelayedSubmission.load(env.paths.submitted_pickle)
         # Same path as a signal caught by submitit: checkpoint() -> pickle -> scontrol requeue -> exit.
         SignalHandler(env, env.paths, delayed).checkpoint_and_try_requeue(signal.SIGUSR1)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _shutdown_process_group() -> None:
@@ -96,151 +152,156 @@ def _shutdown_process_group() -> None:
             log.warning("process group shutdown: %s", exc)
 
 
-def build_executor(cfg: RunConfig, run_dir: Path, executor: str) -> submitit.AutoExecutor:
-    """AutoExecutor with the resources of ``cfg.launch`` (one task per GPU, or per node on CPU)."""
-    lc = cfg.launch
-    tasks = lc.tasks_per_node or max(lc.gpus_per_node, 1)
-    folder = str(run_dir / "submitit" / "%j")
-    if executor == "local":
-        ex = submitit.AutoExecutor(folder=folder, cluster="local")
-    else:
-        ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=lc.max_requeues)
-    params: dict[str, Any] = {
-        "name": cfg.name,
-        "nodes": lc.nodes,
-        "tasks_per_node": tasks,
-        "cpus_per_task": lc.cpus_per_task,
-        "timeout_min": lc.time_min,
-    }
-    if lc.gpus_per_node:
-        params["gpus_per_node"] = lc.gpus_per_node
-    if lc.mem_gb:
-        params["mem_gb"] = lc.mem_gb
-    if executor == "slurm":
-        params["slurm_signal_delay_s"] = lc.signal_delay_s
-        extra = {"requeue": True, **lc.slurm_additional}
-        if lc.account:
-            extra["account"] = lc.account
-        params["slurm_additional_parameters"] = extra
-        if lc.partition:
-            params["slurm_partition"] = lc.partition
-        params["slurm_setup"] = [
-            "export SUBMITIT_PREEMPT_SIGNAL=USR1",
-            f"export TORCH_EXTENSIONS_DIR={os.environ.get('TORCH_EXTENSIONS_DIR', str(Path.home() / '.cache/torch_extensions'))}",
-            "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
-        ]
-    elif lc.nodes != 1:
-        raise ConfigError(f"--executor local runs on this machine only: --nodes must be 1, got {lc.nodes}")
-    ex.update_parameters(**params)
-    return ex
-
-
-def _dry_run_script(cfg: RunConfig, run_dir: Path) -> str:
-    from submitit.slurm.slurm import SlurmExecutor
-
-    ex = build_executor(cfg, run_dir, "slurm")
-    inner: SlurmExecutor = ex._executor  # type: ignore[assignment]
-    return inner._make_submission_file_text(inner._submitit_command_str, "DRYRUN")
-
-
-_FINAL_FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
-
-
-def _slurm_state(job_id: str) -> str | None:
-    """JobState from ``scontrol`` (works without slurmdbd, unlike sacct); None once purged."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for token in out.stdout.split():
-        if token.startswith("JobState="):
-            return token.split("=", 1)[1]
-    return None
-
-
-def _wait(job: submitit.Job, executor: str, poll_s: float = 3.0) -> list[Any]:
-    """Wait for every task's result; fail (instead of hanging) if SLURM ended the job without one.
-
-    submitit learns job states from ``sacct``, which needs slurmdbd; ``scontrol``
-    is asked as well so a cancelled or killed job is noticed everywhere.
-    """
-    import time
-
-    gone_since: float | None = None
-    while True:
-        if job.done():
-            return job.results()
-        if executor == "slurm":
-            state = _slurm_state(job.job_id)
-            if state is None or state in _FINAL_FAILED or state == "COMPLETED":
-                gone_since = gone_since or time.time()
-                if time.time() - gone_since > 30:  # results land within seconds of the end
-                    raise RuntimeError(f"job {job.job_id} ended {state} without a result; see {job.paths.stderr}")
-            else:
-                gone_since = None
-        time.sleep(poll_s)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m brainage_hpc.launch", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m brainage_hpc.launch", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML file or built-in name")
-    p.add_argument("--nodes", type=int)
-    p.add_argument("--gpus-per-node", type=int)
-    p.add_argument("--tasks-per-node", type=int, help="default: one per GPU, or one per node on CPU")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--time", type=int, dest="time_min", help="wall time in minutes")
-    p.add_argument("--executor", choices=["slurm", "local"])
-    p.add_argument("--run-dir", help="default: checkpoints/<config name>")
+    p.add_argument("--run-dir", help="run folder (a sweep: the folder of its runs); default checkpoints/<config name>[-sweep]")
     p.add_argument("--resume", default="auto", help="auto | none | PATH")
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and exit")
-    p.add_argument("--wait", action="store_true", help="follow the job and exit with its status")
-    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.add_argument("--executor", choices=["slurm", "local"])
+    p.add_argument("--dry-run", action="store_true", help="print the grid (sweeps) and the sbatch script, submit nothing")
+    p.add_argument("--wait", action="store_true", help="follow the job(s) with a progress line and exit with their status")
+    r = p.add_argument_group("resources (sbatch options of the same name)")
+    r.add_argument("--nodes", type=int)
+    r.add_argument("--gpus-per-node", type=int)
+    r.add_argument("--tasks-per-node", type=int, help="default: one per GPU, or one per node on CPU")
+    r.add_argument("--cpus-per-task", type=int)
+    r.add_argument("--mem", help="memory per node, e.g. 64G or 500M")
+    r.add_argument("--time", type=int, dest="time_min", help="wall time in minutes (the job requeues itself near the end)")
+    r.add_argument("--partition")
+    r.add_argument("--account")
+    r.add_argument("--qos", help="quality of service")
+    r.add_argument("--constraint", help="node features, e.g. 'a100&ib'")
+    r.add_argument("--exclude", help="nodes to avoid, e.g. 'gpu[03-04]'")
+    r.add_argument("--mail-type", help="e.g. END,FAIL")
+    r.add_argument("--mail-user")
+    s = p.add_argument_group("sweeps (one SLURM job array, one run folder per point)")
+    s.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="an axis of the grid; repeat for more axes (train.lr=1e-3,3e-4)")
+    s.add_argument("--sweep-file", help="YAML mapping KEY: [values] (combined with --sweep)")
+    s.add_argument("--max-parallel", "--array-parallelism", type=int, dest="array_parallelism",
+                   help="array tasks running at once (the array's %%N)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, applied to every run")
     return p
 
 
+def _launch_overrides(args: argparse.Namespace) -> list[str]:
+    values: dict[str, Any] = {
+        "nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "tasks_per_node": args.tasks_per_node,
+        "cpus_per_task": args.cpus_per_task, "partition": args.partition, "account": args.account,
+        "time_min": args.time_min, "executor": args.executor, "qos": args.qos, "constraint": args.constraint,
+        "exclude": args.exclude, "mail_type": args.mail_type, "mail_user": args.mail_user,
+        "array_parallelism": args.array_parallelism,
+    }
+    if args.mem is not None:
+        values["mem_gb"] = parse_mem_gb(args.mem)
+    # json-quoted strings survive YAML typing (exclude=n[1-2] is not a list)
+    return [f"launch.{k}={_yaml_text(v)}" for k, v in values.items() if v is not None]
+
+
+def _yaml_text(value: Any) -> str:
+    import json
+
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def _grid(args: argparse.Namespace) -> list[SweepPoint]:
+    axes = load_sweep_file(args.sweep_file) if args.sweep_file else []
+    axes += [parse_sweep_arg(text) for text in args.sweep]
+    return expand_grid(axes) if axes else []
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["predict"]:  # cohort scoring array: evaluation/predict_job.py
+        from brainage_hpc.evaluation.predict_job import main as predict_main
+
+        return predict_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    launch_overrides = [
-        f"launch.{key}={value}"
-        for key, value in (
-            ("nodes", args.nodes), ("gpus_per_node", args.gpus_per_node), ("tasks_per_node", args.tasks_per_node),
-            ("cpus_per_task", args.cpus_per_task), ("partition", args.partition), ("account", args.account),
-            ("time_min", args.time_min), ("executor", args.executor),
-        )
-        if value is not None
-    ]
     try:
-        cfg = load_config(args.config, list(args.overrides) + launch_overrides)
+        base = list(args.overrides) + _launch_overrides(args)
+        cfg = load_config(args.config, base)
+        points = _grid(args)
+        # every point's config is built now: a bad value fails here, not in task 7 of 9
+        point_cfgs = [load_config(args.config, base + list(p.overrides)) for p in points]
     except (ConfigError, FileNotFoundError) as exc:
         print(f"launch: error: {exc}", file=sys.stderr)
         return 2
+    warning = time_limit_warning(cfg.launch)
+    if warning:
+        print(f"launch: warning: {warning}", file=sys.stderr)
+    if points:
+        return _run_sweep(args, cfg, points, point_cfgs, base)
+    return _run_single(args, cfg)
+
+
+def _run_single(args: argparse.Namespace, cfg: RunConfig) -> int:
     run_dir = Path(args.run_dir or f"checkpoints/{cfg.name}").resolve()
+    folder = run_dir / "submitit" / "%j"
     if args.dry_run:
-        print(_dry_run_script(cfg, run_dir))
+        print(dry_run_script(cfg, folder))
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    ex = build_executor(cfg, run_dir, cfg.launch.executor)
+    ex = build_executor(cfg, folder, cfg.launch.executor)
     job = ex.submit(TrainJob(config_to_dict(cfg), str(run_dir), args.resume))
     print(f"submitted job {job.job_id} ({cfg.launch.executor}, {cfg.launch.nodes} node(s))")
     print(f"  logs:        {job.paths.stdout}  {job.paths.stderr}")
     print(f"  run dir:     {run_dir}")
-    print(f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}")
+    print(f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
     if not args.wait:
         return 0
-    try:
-        results = _wait(job, cfg.launch.executor)
-    except Exception as exc:  # submitit re-raises the job's traceback text
-        text = str(exc).strip().splitlines()
-        print(f"launch: job {job.job_id} failed: {text[-1] if text else exc}", file=sys.stderr)
-        print("\n".join(text[-25:]), file=sys.stderr)
+    (outcome,) = wait_for_jobs([job], [run_dir], cfg.launch.executor)
+    if outcome.error is not None:
+        _print_failure(outcome)
         return 1
-    print(f"job {job.job_id} finished: {results[0]}")
+    print(f"job {job.job_id} finished: {outcome.results[0] if outcome.results else ''}")
     return 0
+
+
+def _run_sweep(args: argparse.Namespace, cfg: RunConfig, points: list[SweepPoint], point_cfgs: list[RunConfig],
+               base: list[str]) -> int:
+    from brainage_hpc.launching.summary import write_summary
+
+    sweep_dir = Path(args.run_dir or f"checkpoints/{cfg.name}-sweep").resolve()
+    folder = sweep_dir / "submitit" / "%j"
+    run_dirs = [sweep_dir / p.name for p in points]
+    if args.dry_run:
+        print(f"sweep: {len(points)} runs in {sweep_dir}")
+        for p in points:
+            print(f"  [{p.index}] {p.name}: {' '.join(p.overrides)}")
+        print(dry_run_script(cfg, folder, array_size=len(points)))
+        return 0
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    ex = build_executor(cfg, folder, cfg.launch.executor)
+    # submit_array: different Checkpointable callables, one SLURM array (one job with one point)
+    jobs = ex.submit_array([TrainJob(config_to_dict(c), str(d), args.resume) for c, d in zip(point_cfgs, run_dirs)])
+    array_id = jobs[0].job_id.split("_")[0] if jobs else "?"
+    write_sweep(sweep_dir, points, base, args.config, array_id)
+    print(f"submitted job {array_id}: array of {len(points)} runs ({cfg.launch.executor})")
+    for p, job, run_dir in zip(points, jobs, run_dirs):
+        print(f"  {job.job_id}  {run_dir}")
+    print(f"  tensorboard: tensorboard --logdir {sweep_dir}")
+    print(f"  summary:     brainage sweep-summary {sweep_dir}", flush=True)
+    if not args.wait:
+        return 0
+    outcomes = wait_for_jobs(jobs, run_dirs, cfg.launch.executor)
+    for outcome in outcomes:
+        if outcome.error is not None:
+            _print_failure(outcome)
+    files = write_summary(sweep_dir)
+    print(files.table)
+    print(f"summary: {files.csv} {files.markdown}")
+    failed = sum(o.error is not None for o in outcomes)
+    print(f"sweep {array_id}: {len(outcomes) - failed} of {len(outcomes)} runs finished")
+    return 1 if failed else 0
+
+
+def _print_failure(outcome: JobOutcome) -> None:
+    text = (outcome.error or "").splitlines()
+    print(f"launch: job {outcome.job.job_id} failed: {text[-1] if text else 'no result'}", file=sys.stderr)
+    if len(text) > 1:
+        print("\n".join(text[-25:]), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,52 +1,74 @@
-"""``brainage predict``: brain age of raw T1w NIfTI files with a trained run's preprocessing."""
+"""``brainage predict``: brain age of every scan of a cohort, resumable, as one process or K array tasks.
+
+    brainage predict --checkpoint RUN --input scans/ table.csv --out pred.csv        # all, resumable
+    brainage predict ... --out pred.csv --tasks 4 --task-id $SLURM_ARRAY_TASK_ID     # one array task
+    brainage predict --merge --out pred.csv                                          # combine the parts
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 
 __all__ = ["add_arguments", "run"]
 
 
+def _default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="run folder (plain or DeepSpeed) or model/checkpoint file")
-    parser.add_argument("--input", nargs="+", required=True, help="NIfTI files and/or folders (searched recursively)")
-    parser.add_argument("--out", default=None, help="CSV to write (file, pred_age, classes, probabilities, error)")
+    parser.add_argument("--checkpoint", help="run folder, model.pt, model.onnx or TorchScript export (not with --merge)")
+    parser.add_argument("--input", nargs="+", default=[],
+                        help="NIfTI files, folders (searched recursively) and/or CSV/TSV tables "
+                             "(columns path, optional subject, session, age, sex, site, cohort, group)")
+    parser.add_argument("--out", default=None,
+                        help="CSV to write; records go to OUT.parts/ as they are scored, so a rerun resumes")
     parser.add_argument("--sex", choices=["M", "F", "unknown"], default="unknown",
-                        help="sex of every input; unknown (default) averages the predictions for M and F")
+                        help="sex of scans whose source gives none; unknown (default) averages the predictions for M and F")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=4, help="scans per forward pass (default 4)")
+    parser.add_argument("--workers", type=int, default=_default_workers(),
+                        help="preprocessing processes (default: CPUs - 1, at most 8; 0 = in the main process)")
+    parser.add_argument("--tasks", type=int, default=None, help="split the cohort into this many array tasks")
+    parser.add_argument("--task-id", type=int, default=None, help="the array task to run (0..tasks-1)")
+    parser.add_argument("--merge", action="store_true", help="combine the part files of --out into the CSV and report")
+    parser.add_argument("--no-report", action="store_true", help="do not write OUT_report.md/.png after the merge")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit 0 when every file was predicted, 1 when some failed (each named on stderr), 2 for a bad checkpoint."""
-    from brainage_hpc.evaluation.predict import find_nifti, load_model, predict_files
-    from brainage_hpc.report import write_csv
+    """Exit 0 when every scan was scored; 1 when some failed or are not scored (the CSV is written anyway);
+    2 for a bad checkpoint, argument or output path; 3 stopped by SIGUSR1 (requeue); 128+N stopped by signal N."""
+    from brainage_hpc.config import ConfigError
+    from brainage_hpc.evaluation.cohort_predict import PredictRequest, run_merge, run_predict
+    from brainage_hpc.evaluation.cohort_run import ScoreOptions
 
+    if args.merge:
+        if not args.out:
+            raise ConfigError("--merge needs --out (the CSV whose OUT.parts/ folder to merge)")
+        return run_merge(args.out, report=not args.no_report)
+    if not args.checkpoint or not args.input:
+        raise ConfigError("--checkpoint and --input are required (or use --merge --out CSV)")
+    if (args.tasks is None) != (args.task_id is None):
+        raise ConfigError("--tasks and --task-id go together (one array task of TASKS)")
+    if args.tasks is not None and not args.out:
+        raise ConfigError("array tasks need --out (their parts go to OUT.parts/)")
     try:
-        lm = load_model(args.checkpoint, args.device)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"brainage predict: error: {exc}", file=sys.stderr)
-        return 2
-    files, missing = find_nifti(args.input)
-    try:
-        results = missing + predict_files(lm, files, sex=args.sex)
+        options = ScoreOptions(batch_size=args.batch_size, workers=args.workers, sex=args.sex, progress=not args.no_progress)
     except ValueError as exc:
-        print(f"brainage predict: error: {exc}", file=sys.stderr)
-        return 2
-    k = max((len(r.probs) for r in results), default=0)
-    rows = []
-    for r in results:
-        if r.error:
-            print(f"brainage predict: error: {r.error}", file=sys.stderr)
-        else:
-            print(f"{r.file}\t{r.pred_age:.2f}")
-        probs = r.probs + [None] * (k - len(r.probs))
-        rows.append([r.file, r.pred_age, r.bin4_pred, r.class2_pred, *probs, r.error])
-    if args.out:
-        header = ["file", "pred_age", "age_bin_pred", "class2_pred", *[f"prob_{i}" for i in range(k)], "error"]
-        write_csv(args.out, header, rows)
-    failed = sum(1 for r in results if r.error)
-    if failed:
-        print(f"brainage predict: {failed} of {len(results)} input(s) failed", file=sys.stderr)
-        return 1
-    return 0
+        raise ConfigError(str(exc)) from None
+    request = PredictRequest(
+        checkpoint=args.checkpoint,
+        inputs=tuple(args.input),
+        out=args.out,
+        task=args.task_id,
+        tasks=args.tasks if args.tasks is not None else 1,
+        options=options,
+        device=args.device,
+        report=not args.no_report,
+    )
+    try:
+        return run_predict(request)
+    except ValueError as exc:  # bad checkpoint, damaged or mismatched plan: one line
+        raise ConfigError(str(exc)) from None

@@ -13,6 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--voxel-mm", type=float, default=2.0, help="isotropic voxel size (2.0 default; 1.0, 0.7 possible)")
     parser.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"), default=None, help="crop/pad output grid")
+    parser.add_argument("--difficulty", default="default", choices=["default", "realistic"],
+                        help="default: easy, exaggerated atrophy; realistic: sites, anatomy spread, smaller slopes")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes")
     parser.add_argument(
         "--raw-bids",
@@ -33,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n_subjects < 1:
         raise ValueError(f"--n-subjects must be >= 1, got {args.n_subjects}")
-    cfg = SynthConfig(
+    cfg = SynthConfig.preset(
+        getattr(args, "difficulty", "default"),
         n_subjects=args.n_subjects,
         seed=args.seed,
         voxel_mm=args.voxel_mm,

@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 when every shard matches its sha256, shape, dtype and is finite; 1 otherwise (bad shards named)."""
-    from brainage_hpc.data.shards import load_manifest, verify_shards
+    from brainage_hpc.data.shard_checks import verify_shards
+    from brainage_hpc.data.shards import load_manifest
 
     try:
         problems = verify_shards(args.shards, progress=not args.no_progress)
@@ -29,5 +30,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"brainage verify: FAILED: {len(problems)} problem(s) in {', '.join(bad)}", file=sys.stderr)
         return 1
     m = load_manifest(args.shards)
-    print(f"verify: OK: {len(m.shards)} shards, {len(m.subjects)} subjects, sha256/shape/dtype/finite checked")
+    print(f"verify: OK: {len(m.shards)} shards, {len(m.subjects)} subjects, sha256/shape/dtype/per-volume checksum/finite checked")
     return 0

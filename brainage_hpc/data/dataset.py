@@ -1,7 +1,13 @@
 """Lazy HDF5 dataset over the shards and the distributed (balanced) sampler.
 
-:class:`ShardDataset` reads one volume per item from the shards written by
-preprocessing. HDF5 handles cannot cross ``fork`` or pickling, so the reader is
+:class:`ShardDataset` reads the volumes of one split from the shards written
+by preprocessing: one item at a time (``ds[i]``, float32, for evaluation and
+interpretation) or a whole batch at once (:meth:`ShardDataset.read_batch`, the
+training path: volumes copied straight from their chunks into one fp16 batch
+tensor, checksums verified, metadata gathered with one numpy index). Every shard
+of the split is checked against the manifest when the dataset is built, in the
+main process, so a damaged or mismatched shard is a one-line error before any
+worker starts. HDF5 handles cannot cross ``fork`` or pickling, so the reader is
 created lazily in the process that uses it (main process or DataLoader worker)
 and kept open there. An optional in-memory cache holds only the volumes of this
 rank (fp16, one tensor that forked DataLoader workers share without copying).
@@ -24,9 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from brainage_hpc.data.ages import bin_to_class
+from brainage_hpc.data.checksum import CHECKSUM_BYTES
+from brainage_hpc.data.shard_checks import check_shards, warn_if_unchecked
 from brainage_hpc.data.shards import Manifest, ShardReader, load_manifest
 
 __all__ = ["TASKS", "BrainSampler", "ShardDataset"]
@@ -114,6 +122,8 @@ class ShardDataset(Dataset):
         self._reader_pid: int | None = None
         self._cache: torch.Tensor | None = None
         self._cache_pos = np.full(len(self.subject_ids), -1, dtype=np.int64)
+        self.pin_batches = False  # read_batch allocates pinned memory (set by the loader for CUDA without workers)
+        warn_if_unchecked(self.manifest, check_shards(self.manifest, np.unique(self._shard).tolist()))
         if cache:
             self.cache_volumes(range(len(self)) if subset is None else subset)
 
@@ -156,7 +166,63 @@ class ShardDataset(Dataset):
             return self._cache[pos]
         return self._get_reader().read_index(int(self._shard[i]), int(self._index[i]))
 
-    def cache_volumes(self, indices: Sequence[int] | Iterator[int] | range) -> None:
+    def _read_into(self, i: int, out: np.ndarray, padded: bool = False) -> None:
+        """Volume ``i`` into ``out``: float16 (1, D, H, W), or with ``padded`` uint8 of its bytes + 4 (see ShardReader)."""
+        pos = self._cache_pos[i]
+        if self._cache is not None and pos >= 0:
+            dest = out.reshape(-1).view(np.uint8)[: self.volume_bytes].view(np.float16) if padded else out.reshape(-1)
+            np.copyto(dest, self._cache[pos].numpy().reshape(-1))
+        else:
+            self._get_reader().read_into(int(self._shard[i]), int(self._index[i]), out, padded=padded)
+
+    def read_batch(self, keys: Sequence[int | tuple[int, int]]) -> dict[str, Any]:
+        """Items ``keys`` (indices, or ``(index, transform_seed)``) as one batch.
+
+        The volumes are copied from their chunks (checksums verified) straight into
+        one (B, 1, D, H, W) tensor: shared memory inside a DataLoader worker (so
+        sending it to the main process copies nothing), pinned memory when
+        :attr:`pin_batches` is set, plain memory otherwise. Without a transform the
+        image stays float16, as stored; convert it on the device (see
+        :func:`brainage_hpc.data.loader.batch_to_device`).
+
+        Returns:
+            ``image`` (B, 1, D, H, W) float16, or float32 when :attr:`transform`
+            ran (per item, reseeded with the item's seed); ``age`` (B,) float32
+            years; ``age_bin`` (B,) int64; ``label`` (B,) int64; ``sex`` (B,)
+            float32; ``subject_id`` list of B str.
+        """
+        pairs = [(int(k[0]), int(k[1])) if isinstance(k, tuple) else (int(k), None) for k in keys]
+        idx = np.array([i for i, _ in pairs], dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"indices must lie in [0, {len(self)}) for split '{self.split}'")
+        shape = (len(pairs), 1, *self.shape)
+        t = self.transform
+        if t is None:  # chunks straight into their slots, in slot order (each may spill 4 bytes into the next)
+            vb = self.volume_bytes
+            raw = _batch_tensor((len(pairs) * vb + CHECKSUM_BYTES,), torch.uint8, self.pin_batches)
+            image = raw[: len(pairs) * vb].view(torch.float16).view(shape)  # (B, 1, D, H, W)
+            flat = raw.numpy()
+            for j, i in enumerate(idx):
+                self._read_into(int(i), flat[j * vb : (j + 1) * vb + CHECKSUM_BYTES], padded=True)
+        else:
+            image = _batch_tensor(shape, torch.float32, self.pin_batches)  # (B, 1, D, H, W)
+            vol = np.empty(shape[1:], dtype=np.float16)
+            for j, (i, seed) in enumerate(pairs):
+                self._read_into(i, vol)
+                if seed is not None and hasattr(t, "set_random_state"):
+                    t.set_random_state(seed=seed)
+                out = t({"image": torch.from_numpy(vol).float()})["image"]
+                image[j].copy_(out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out))
+        return {
+            "image": image,
+            "age": torch.from_numpy(self.ages[idx]),
+            "age_bin": torch.from_numpy(self.age_bins[idx]),
+            "label": torch.from_numpy(self.labels[idx]),
+            "sex": torch.from_numpy(self.sexes[idx]),
+            "subject_id": [self.subject_ids[i] for i in idx],
+        }
+
+    def cache_volumes(self, indices: Sequence[int] | Iterator[int] | range | np.ndarray) -> None:
         """Read the volumes of ``indices`` once into an in-memory fp16 cache (replacing any previous)."""
         idx = np.unique(np.asarray(list(indices), dtype=np.int64))
         if idx.size and (idx[0] < 0 or idx[-1] >= len(self)):
@@ -208,6 +274,14 @@ class ShardDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"ShardDataset(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, task={self.task!r})"
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """An uninitialised batch tensor: in shared memory inside a DataLoader worker, else pinned or plain."""
+    if get_worker_info() is not None:  # what default_collate does: the batch crosses to the main process for free
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
 
 class BrainSampler(Sampler[int]):

@@ -1,13 +1,17 @@
 """The loader factory the trainer uses: one call per split and rank.
 
-Two paths yield identical batches (same keys and dtypes)::
+Two paths yield identical batches (same keys and dtypes), already on the device::
 
     image (B, 1, D, H, W) float32, age (B,) float32 years (NaN when unknown),
     age_bin (B,) int64, label (B,) int64, sex (B,) float32, subject_id list[str]
 
-* DataLoader path: :class:`ShardDataset` read by ``num_workers`` processes,
-  CPU augmentation (``augment.device == "cpu"``) in the workers, batches on the
-  CPU (pinned when the device is CUDA).
+* DataLoader path: ``num_workers`` processes each read whole batches
+  (:meth:`ShardDataset.read_batch`: chunks copied into one fp16 tensor in shared
+  memory, checksums verified, no per-item collation); CPU augmentation
+  (``augment.device == "cpu"``) runs there per item. The batch crosses to the
+  main process as float16 (pinned when the device is CUDA), is copied to the
+  device and converted to float32 there (:func:`batch_to_device`): half the
+  bytes on every hop, and no float32 pass over the volume on the CPU.
 * GPU-resident path (``data.cache == "gpu"`` on a CUDA device, when the rank's
   volumes fit with 30 % of the free memory to spare): the rank's volumes are
   loaded once onto the device as fp16 and batches are gathered there; no CPU
@@ -33,9 +37,9 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from brainage_hpc.config import RunConfig
 from brainage_hpc.data.dataset import BrainSampler, ShardDataset
-from brainage_hpc.data.transforms import DeviceAugment, eval_transforms, train_transforms
+from brainage_hpc.data.transforms import DeviceAugment, train_transforms
 
-__all__ = ["DeviceBatches", "LoaderBundle", "build_loader", "seed_worker"]
+__all__ = ["DeviceBatches", "LoaderBundle", "batch_to_device", "build_loader", "seed_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,8 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     info = get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    dataset = getattr(info.dataset, "dataset", info.dataset) if info is not None else None  # _Batches wraps it
+    transform = getattr(dataset, "transform", None)
     if transform is not None and hasattr(transform, "set_random_state"):
         transform.set_random_state(seed=seed)
 
@@ -98,6 +103,65 @@ class _SeededSampler:
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+class _Batches(Dataset):
+    """A :class:`ShardDataset` as the DataLoader sees it: ``__getitems__`` returns a whole batch.
+
+    With ``collate_fn=_keep_batch`` the DataLoader hands that batch on untouched,
+    so no per-item dicts are built and no ``torch.stack`` copies the volumes.
+    """
+
+    def __init__(self, dataset: ShardDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Any) -> dict[str, Any]:
+        return self.dataset.read_batch([key])
+
+    def __getitems__(self, keys: list[Any]) -> dict[str, Any]:
+        return self.dataset.read_batch(keys)
+
+
+def _keep_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """``collate_fn`` for :class:`_Batches`: the batch is already assembled."""
+    return batch
+
+
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move a batch's tensors to ``device`` (asynchronously from pinned memory) and make ``image`` float32 there.
+
+    Args:
+        batch: a loader batch; ``image`` (B, 1, D, H, W) float16 or float32.
+        device: target device.
+
+    Returns:
+        A new dict; ``image`` is float32 on ``device``, other tensors moved, the rest as is.
+    """
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=value.is_pinned())
+            if key == "image" and value.dtype != torch.float32:
+                value = value.float()  # on the device: fp16 crossed the bus, fp32 is made where it is used
+        out[key] = value
+    return out
+
+
+class _DeviceLoader:
+    """Iterates a DataLoader and yields its batches on the device (see :func:`batch_to_device`)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            yield batch_to_device(batch, self.device)
 
 
 class _RawVolumes(Dataset):
@@ -141,7 +205,7 @@ class DeviceBatches:
         self._pos[torch.from_numpy(held)] = torch.arange(len(held))
         self._pos = self._pos.to(device)
         self.images = torch.empty((len(held), 1, *dataset.shape), dtype=torch.float16, device=device)  # (N, 1, D, H, W)
-        ctx = {"multiprocessing_context": start_method} if num_workers > 0 and start_method else {}
+        ctx: dict[str, Any] = {"multiprocessing_context": start_method} if num_workers > 0 and start_method else {}
         reader = DataLoader(_RawVolumes(dataset, held), batch_size=4, num_workers=num_workers, **ctx)
         t0 = time.perf_counter()
         k = 0
@@ -185,12 +249,15 @@ def _gpu_fits(n_volumes: int, volume_bytes: int, device: torch.device) -> bool:
     return ok
 
 
-def _dataloader_kwargs(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+def _dataloader_kwargs(cfg: RunConfig, device: torch.device, rank: int) -> dict[str, Any]:
     d = cfg.data
     kw: dict[str, Any] = {
         "num_workers": d.num_workers,
         "pin_memory": bool(d.pin_memory and device.type == "cuda"),
         "worker_init_fn": seed_worker,
+        "collate_fn": _keep_batch,
+        # a private generator: creating an iterator must not consume the global torch RNG (exact resume restores it)
+        "generator": torch.Generator().manual_seed(cfg.train.seed * 1000 + rank),
     }
     if d.num_workers > 0:
         kw.update(
@@ -230,17 +297,20 @@ def build_loader(
     aug = d.augment
     use_aug = train and aug.enabled
     dataset = ShardDataset(d.shards, split, task=cfg.model.task)
+    # no workers: read_batch fills pinned memory itself (the DataLoader's pin step is then a no-op)
+    dataset.pin_batches = bool(d.pin_memory and device.type == "cuda" and d.num_workers == 0)
     if list(dataset.shape) != list(d.shape):
         log.info("data.shape=%s but the shards hold %s; using the shards' shape", list(d.shape), list(dataset.shape))
     seed = cfg.train.seed
 
     if not train:
-        dataset.transform = eval_transforms()
+        dataset.transform = None  # read_batch: the stored values, float16 until the device
         indices = list(range(rank, len(dataset), world_size))
         if d.cache in ("memory", "gpu"):  # eval never goes GPU-resident: it is read once per evaluation
             dataset.cache_volumes(indices)
-        loader = DataLoader(dataset, batch_size=micro_batch, sampler=indices, drop_last=False, **_dataloader_kwargs(cfg, device))
-        return LoaderBundle(loader, None, dataset, None, math.ceil(len(indices) / micro_batch))
+        loader = DataLoader(_Batches(dataset), batch_size=micro_batch, sampler=indices, drop_last=False,
+                            **_dataloader_kwargs(cfg, device, rank))
+        return LoaderBundle(_DeviceLoader(loader, device), None, dataset, None, math.ceil(len(indices) / micro_batch))
 
     sampler = BrainSampler(
         len(dataset), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
@@ -265,9 +335,10 @@ def build_loader(
     if d.cache == "memory":
         dataset.cache_volumes(held)
     cpu_aug = use_aug and aug.device == "cpu"
-    dataset.transform = train_transforms(aug, seed=_item_seed(seed, 0, rank, 2**31 + 1)) if cpu_aug else eval_transforms()
+    dataset.transform = train_transforms(aug, seed=_item_seed(seed, 0, rank, 2**31 + 1)) if cpu_aug else None
     dev_aug = DeviceAugment(aug, seed=_item_seed(seed, 0, rank, 2**31)) if use_aug and aug.device == "gpu" else None
     loader = DataLoader(
-        dataset, batch_size=micro_batch, sampler=_SeededSampler(sampler), drop_last=True, **_dataloader_kwargs(cfg, device)
+        _Batches(dataset), batch_size=micro_batch, sampler=_SeededSampler(sampler), drop_last=True,
+        **_dataloader_kwargs(cfg, device, rank),
     )
-    return LoaderBundle(loader, sampler, dataset, dev_aug, n_batches)
+    return LoaderBundle(_DeviceLoader(loader, device), sampler, dataset, dev_aug, n_batches)

@@ -1,8 +1,10 @@
-"""HDF5 shards of preprocessed volumes: writing, the manifest, lazy reading, verification.
+"""HDF5 shards of preprocessed volumes: the format, the manifest, verified lazy reading.
 
 Layout of an output folder::
 
-    shard-00000.h5      image (N, 1, D, H, W) float16, one volume per chunk;
+    shard-00000.h5      image (N, 1, D, H, W) float16, one volume per chunk, HDF5
+                        fletcher32 filter (a checksum per chunk, verified on read);
+                        image_fletcher32 (N,) uint32, each chunk's checksum as written;
                         subject_id (utf-8 str), age float32 (NaN: only the bin is known),
                         age_bin int8, sex int8 (0 F, 1 M); attrs format_version,
                         package_version, orientation ("RAS"), shape, voxel_mm, affine,
@@ -16,18 +18,31 @@ Layout of an output folder::
 
 Shards are written to ``<name>.tmp`` and renamed, with ``track_times=False`` and a
 fixed ``libver``, so the same input gives byte-identical files.
+
+Integrity at read time: every volume :class:`ShardReader` returns has passed its
+chunk's Fletcher-32 checksum, and that checksum matches the one recorded when the
+shard was written (``image_fletcher32``), so flipped bytes on disk *and* a volume
+rewritten through h5py are both refused with a one-line :class:`ShardError` naming
+the shard and the subject. Shards written before the checksum existed are read
+unverified after one warning (``brainage verify`` still checks their sha256).
+Checks of a whole shard set live in :mod:`brainage_hpc.data.shard_checks`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from brainage_hpc.data.checksum import CHECKSUM_BYTES, fletcher32, fletcher32_equal, stored_fletcher32
 
 __all__ = [
     "FAILURES_NAME",
@@ -35,22 +50,62 @@ __all__ = [
     "LIBVER",
     "MANIFEST_NAME",
     "Manifest",
+    "CHECKSUMS_NAME",
+    "ShardError",
     "ShardMismatchError",
     "ShardReader",
     "load_manifest",
+    "one_line",
+    "open_shard",
     "sha256_file",
     "shard_name",
-    "verify_shards",
 ]
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.csv"
 LIBVER = ("earliest", "v110")
+CHECKSUMS_NAME = "image_fletcher32"  # (N,) uint32: each image chunk's fletcher32 as written
 
 
-class ShardMismatchError(ValueError):
-    """A shard does not match its manifest (preprocessing hash, format or contents)."""
+
+def _split_worker_message(message: str) -> tuple[str, str]:
+    """``(path, problem)`` from the text a DataLoader worker re-raises (whole traceback as message)."""
+    lines = [ln for ln in message.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else message
+    if "Error: " in last:  # "brainage_hpc.data.shards.ShardError: PATH: PROBLEM"
+        last = last.split(": ", 1)[1]
+    path, sep, problem = last.partition(": ")
+    return (path, problem) if sep else ("?", last)
+
+
+class ShardError(OSError):
+    """A shard file is unreadable, damaged, or disagrees with its manifest.
+
+    An ``OSError`` (``errno`` EIO) whose ``str`` is one line, ``PATH: PROBLEM``,
+    so ``brainage`` commands report it without a traceback (exit 1). When a
+    DataLoader worker raised it, PyTorch re-creates it in the main process from
+    the worker's traceback text; the constructor then keeps only the last line.
+
+    Args:
+        path: the shard file (or, with ``problem`` omitted, a worker's message).
+        problem: what is wrong, naming the subject when one volume is concerned.
+    """
+
+    def __init__(self, path: str | Path, problem: str | None = None) -> None:
+        if problem is None:
+            path, problem = _split_worker_message(str(path))
+        super().__init__(errno.EIO, problem, str(path))
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.filename, self.strerror))
+
+
+class ShardMismatchError(ShardError):
+    """A shard does not match its manifest (preprocessing hash, format, shape or subjects)."""
 
 
 def shard_name(index: int) -> str:
@@ -150,14 +205,34 @@ def load_manifest(path_or_dir: str | Path) -> Manifest:
         raise ValueError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
 
 
+@dataclass
+class _OpenShard:
+    """One shard opened by one process, and how its volumes are read."""
+
+    shard: int
+    path: Path
+    file: Any  # h5py.File
+    image: Any  # h5py.Dataset (N, 1, D, H, W)
+    direct: bool  # one uncompressed volume per chunk: read_direct_chunk, checksum verified here
+    checksum: bool  # the fletcher32 filter is on
+    expected: np.ndarray | None  # (N,) uint32 checksums as written; None: shard from before they existed
+    volume_bytes: int
+
+
 class ShardReader:
-    """Random access to preprocessed volumes by subject ID.
+    """Random access to preprocessed volumes by subject ID, every read checksum-verified.
 
     HDF5 files are opened lazily on the first read in the current process and
     cached per process ID, so a reader created in the parent is safe to use in
     forked DataLoader workers (each opens its own handles) and can be pickled
     for spawned ones. A shard whose ``preprocess_hash`` differs from the
-    manifest's is refused with :class:`ShardMismatchError`.
+    manifest's is refused with :class:`ShardMismatchError`; a damaged volume
+    with :class:`ShardError` (see the module docstring).
+
+    Uncompressed shards are read chunk by chunk with ``read_direct_chunk`` into
+    a reused buffer (no HDF5 type conversion, no fresh allocation) and the
+    Fletcher-32 of each chunk is verified here; compressed ones go through
+    HDF5's filters, which verify it.
 
     Args:
         root: shard folder (or its ``manifest.json``).
@@ -168,42 +243,161 @@ class ShardReader:
         self.manifest = manifest if manifest is not None else load_manifest(root)
         self.root = self.manifest.root
         self._pid: int | None = None
-        self._files: dict[int, Any] = {}
+        self._files: dict[int, _OpenShard] = {}
+        self._scratch: np.ndarray | None = None
+        self._names: dict[tuple[int, int], str] | None = None
 
     def __len__(self) -> int:
         return len(self.manifest.subjects)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_pid"], state["_files"] = None, {}
+        state["_pid"], state["_files"], state["_scratch"] = None, {}, None
         return state
 
-    def _file(self, shard: int) -> Any:
-        import h5py
+    @property
+    def volume_shape(self) -> tuple[int, int, int, int]:
+        """(1, D, H, W) of every volume, as the manifest says."""
+        return (1, *self.manifest.shape)
 
+    def _path(self, shard: int) -> Path:
+        if not 0 <= shard < len(self.manifest.shards):
+            raise IndexError(f"{self.root}: shard {shard} out of range (0..{len(self.manifest.shards) - 1})")
+        return self.root / self.manifest.shards[shard]["file"]
+
+    def subject_at(self, shard: int, index: int) -> str:
+        """Subject ID stored at ``index`` of ``shard`` according to the manifest (for messages)."""
+        if self._names is None:
+            self._names = {(int(r["shard"]), int(r["index"])): sid for sid, r in self.manifest.subjects.items()}
+        return self._names.get((shard, index), f"<index {index}>")
+
+    def _open(self, shard: int) -> _OpenShard:
         pid = os.getpid()
         if pid != self._pid:  # new process (fork): never reuse the parent's HDF5 handles
-            self._files, self._pid = {}, pid
-        f = self._files.get(shard)
-        if f is None:
-            if not 0 <= shard < len(self.manifest.shards):
-                raise IndexError(f"{self.root}: shard {shard} out of range (0..{len(self.manifest.shards) - 1})")
-            path = self.root / self.manifest.shards[shard]["file"]
-            f = h5py.File(path, "r")
+            self._files, self._pid, self._scratch = {}, pid, None
+        opened = self._files.get(shard)
+        if opened is not None:
+            return opened
+        path = self._path(shard)
+        f = open_shard(path)
+        try:
             found = f.attrs.get("preprocess_hash")
             if found != self.manifest.preprocess_hash:
-                made_with = f.attrs.get("preprocess", "?")
-                f.close()
                 raise ShardMismatchError(
-                    f"{path}: preprocess_hash {found!r} differs from the manifest's "
-                    f"{self.manifest.preprocess_hash!r} (shard made with {made_with}); rerun `brainage preprocess`"
+                    path,
+                    f"preprocess_hash {found!r} differs from the manifest's {self.manifest.preprocess_hash!r} "
+                    f"(shard made with {f.attrs.get('preprocess', '?')}); rerun `brainage preprocess`",
                 )
-            self._files[shard] = f
-        return f
+            img = f["image"]
+            shape = tuple(int(s) for s in img.shape[2:])
+            direct = (
+                img.chunks == (1, 1, *shape)
+                and img.compression is None
+                and not img.shuffle
+                and img.scaleoffset is None
+                and img.dtype == np.dtype("<f2")
+                and sys.byteorder == "little"
+            )
+            expected = np.asarray(f[CHECKSUMS_NAME][()], dtype=np.uint32) if CHECKSUMS_NAME in f else None
+            opened = _OpenShard(shard, path, f, img, direct, bool(img.fletcher32), expected, 2 * math.prod(shape))
+        except ShardError:
+            f.close()
+            raise
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:
+            f.close()
+            raise ShardError(path, f"damaged HDF5 structure ({one_line(exc)}); restore it or rerun `brainage preprocess`") from None
+        self._files[shard] = opened
+        return opened
+
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        if self._scratch is None or self._scratch.size < nbytes:
+            self._scratch = np.empty(nbytes, dtype=np.uint8)
+        return self._scratch[:nbytes]
+
+    def read_into(self, shard: int, index: int, out: np.ndarray, padded: bool = False) -> None:
+        """Put volume ``index`` of ``shard`` into ``out`` after verifying its checksum.
+
+        Args:
+            shard: shard number in the manifest.
+            index: volume index inside the shard.
+            out: writable, C-contiguous; float16 of (1, D, H, W) (any shape of that size), or
+                with ``padded`` a uint8 buffer of at least the volume's bytes + 4.
+            padded: read the chunk straight into ``out`` (no copy through a scratch buffer):
+                the volume lands in its first bytes, and the 4 bytes after it may be
+                overwritten (the chunk's checksum). Fill a batch slot by slot, in order.
+
+        Raises:
+            ShardError: the shard cannot be read, or the volume is damaged or was rewritten.
+        """
+        o = self._open(shard)
+        if not 0 <= index < o.image.shape[0]:
+            raise IndexError(f"{o.path}: volume {index} out of range (0..{o.image.shape[0] - 1})")
+        need = o.volume_bytes + CHECKSUM_BYTES if padded else o.volume_bytes
+        if not out.flags.c_contiguous or out.nbytes < need or (not padded and out.dtype != np.float16):
+            raise ValueError(f"out must be a C-contiguous {'uint8' if padded else 'float16'} array of "
+                             f"{'at least ' if padded else ''}{need} bytes, got {out.dtype} {out.shape}")
+        flat = out.reshape(-1).view(np.uint8)
+        try:
+            if o.direct and padded:
+                self._read_chunk(o, index, flat)
+            elif o.direct:
+                np.copyto(flat, self._read_chunk(o, index)[: o.volume_bytes])
+            else:
+                out = flat[: o.volume_bytes].view(np.float16)
+                o.image.read_direct(out.reshape(o.image.shape[1:]), source_sel=np.s_[index])
+                if o.expected is not None:  # HDF5 verified the data; was it rewritten since?
+                    self._check_expected(o, index, stored_fletcher32(o.image.id.read_direct_chunk((index, 0, 0, 0, 0))[1]))
+        except ShardError:
+            raise
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:
+            what = f"unreadable ({one_line(exc)})"
+            if "Fletcher32" in str(exc) or self._raw_checksum_fails(o, index):  # HDF5 often says only "filter failed"
+                what = "checksum mismatch, the volume is damaged"
+            raise ShardError(o.path, f"subject {self.subject_at(shard, index)} (volume {index}): {what}; {self._fix}") from None
+
+    @staticmethod
+    def _raw_checksum_fails(o: _OpenShard, index: int) -> bool:
+        if not o.checksum:
+            return False
+        try:
+            raw = np.frombuffer(o.image.id.read_direct_chunk((index, 0, 0, 0, 0))[1], dtype=np.uint8)
+        except (OSError, ValueError, RuntimeError):
+            return False
+        return not fletcher32_equal(fletcher32(raw[:-CHECKSUM_BYTES]), stored_fletcher32(raw))
+
+    @property
+    def _fix(self) -> str:
+        return f"restore the shard or rerun `brainage preprocess` (`brainage verify {self.root}` lists all damage)"
+
+    def _read_chunk(self, o: _OpenShard, index: int, into: np.ndarray | None = None) -> np.ndarray:
+        """The raw chunk of volume ``index`` (payload + checksum when filtered), verified; in ``into`` or a scratch buffer."""
+        need = o.volume_bytes + (CHECKSUM_BYTES if o.checksum else 0)
+        buf = self._buffer(need) if into is None else into[:need]
+        mask, view = o.image.id.read_direct_chunk((index, 0, 0, 0, 0), out=buf)
+        if mask != 0 or len(view) != need:
+            raise ShardError(o.path, f"subject {self.subject_at(o.shard, index)} (volume {index}): chunk of {len(view)} bytes "
+                                     f"(filter mask {mask}), expected {need}; {self._fix}")
+        if o.checksum:
+            stored = stored_fletcher32(buf)
+            if not fletcher32_equal(fletcher32(buf[: o.volume_bytes]), stored):
+                raise ShardError(o.path, f"subject {self.subject_at(o.shard, index)} (volume {index}): checksum mismatch, "
+                                         f"the volume is damaged; {self._fix}")
+            self._check_expected(o, index, stored)
+        return buf
+
+    def _check_expected(self, o: _OpenShard, index: int, stored: int) -> None:
+        if o.expected is not None and not fletcher32_equal(stored, int(o.expected[index])):
+            raise ShardError(
+                o.path,
+                f"subject {self.subject_at(o.shard, index)} (volume {index}): the volume was rewritten after preprocessing "
+                f"(chunk checksum {stored:08x}, written as {int(o.expected[index]):08x}); {self._fix}",
+            )
 
     def read_index(self, shard: int, index: int) -> np.ndarray:
-        """Volume ``index`` of shard ``shard`` as (1, D, H, W) float16."""
-        return np.asarray(self._file(shard)["image"][index])
+        """Volume ``index`` of shard ``shard`` as (1, D, H, W) float16 (verified; a new array)."""
+        out = np.empty(self.volume_shape, dtype=np.float16)
+        self.read_into(shard, index, out)
+        return out
 
     def read(self, subject_id: str) -> np.ndarray:
         """Volume of ``subject_id`` as (1, D, H, W) float16.
@@ -219,82 +413,26 @@ class ShardReader:
     def close(self) -> None:
         """Close the HDF5 handles this process opened."""
         if self._pid == os.getpid():
-            for f in self._files.values():
-                f.close()
+            for o in self._files.values():
+                o.file.close()
         self._files = {}
 
 
-def _check_shard(root: Path, entry: dict[str, Any], ids: list[str], manifest: Manifest) -> list[str]:
+def one_line(exc: BaseException) -> str:
+    """One line of an h5py/OS exception: its message without HDF5's error stack."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def open_shard(path: Path) -> Any:
+    """``h5py.File(path, "r")``, or a one-line :class:`ShardError` when it is missing, corrupt or truncated."""
     import h5py
 
-    path = root / entry["file"]
     if not path.is_file():
-        return ["file missing"]
-    problems = []
-    digest = sha256_file(path)
-    if digest != entry["sha256"]:
-        problems.append(f"sha256 mismatch (manifest {entry['sha256'][:12]}..., file {digest[:12]}...)")
+        raise ShardError(path, "missing (listed in manifest.json); restore it or rerun `brainage preprocess`")
     try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format_version") != FORMAT_VERSION:
-                problems.append(f"format_version {f.attrs.get('format_version')!r} != {FORMAT_VERSION}")
-            if f.attrs.get("preprocess_hash") != manifest.preprocess_hash:
-                problems.append(
-                    f"preprocess_hash {f.attrs.get('preprocess_hash')!r} != manifest {manifest.preprocess_hash!r}"
-                )
-            img = f["image"]
-            want = (len(ids), 1) + tuple(manifest.shape)
-            if img.shape != want or img.dtype != np.float16:
-                problems.append(f"image is {img.shape} {img.dtype}, expected {want} float16")
-                return problems
-            stored = [s.decode() if isinstance(s, bytes) else str(s) for s in f["subject_id"][()]]
-            if stored != ids:
-                problems.append("subject_id does not match the manifest")
-            for name, dtype in (("age", np.float32), ("age_bin", np.int8), ("sex", np.int8)):
-                if f[name].shape != (len(ids),) or f[name].dtype != dtype:
-                    problems.append(
-                        f"{name} is {f[name].shape} {f[name].dtype}, expected ({len(ids)},) {np.dtype(dtype)}"
-                    )
-            for i in range(len(ids)):
-                if not np.all(np.isfinite(img[i])):
-                    problems.append(f"volume {i} ({ids[i]}) has NaN/Inf voxels")
-    except (OSError, KeyError, ValueError) as exc:
-        problems.append(f"unreadable ({type(exc).__name__}: {exc})")
-    return problems
-
-
-def verify_shards(root: str | Path, progress: bool = False) -> list[str]:
-    """Re-read every shard and check sha256, format, shapes, dtypes, subject IDs and finiteness.
-
-    Args:
-        root: shard folder.
-        progress: show a tqdm bar over shards.
-
-    Returns:
-        One line per problem, each starting with the shard file name; empty when all is well.
-
-    Raises:
-        FileNotFoundError, ValueError: no readable manifest.
-    """
-    from tqdm import tqdm
-
-    manifest = load_manifest(root)
-    by_shard: dict[int, list[tuple[int, str]]] = {i: [] for i in range(len(manifest.shards))}
-    problems: list[str] = []
-    for sid, rec in manifest.subjects.items():
-        if rec["shard"] not in by_shard:
-            problems.append(f"{MANIFEST_NAME}: subject {sid} points to missing shard {rec['shard']}")
-            continue
-        by_shard[rec["shard"]].append((rec["index"], sid))
-    for name, ids in manifest.splits.items():
-        unknown = [s for s in ids if s not in manifest.subjects]
-        if unknown:
-            problems.append(f"{MANIFEST_NAME}: split '{name}' has {len(unknown)} unknown subject(s), e.g. {unknown[0]}")
-    bar = tqdm(manifest.shards, desc="verify", unit="shard", disable=None if progress else True)  # None: tty only
-    for i, entry in enumerate(bar):
-        ids = [sid for _, sid in sorted(by_shard[i])]
-        if [idx for idx, _ in sorted(by_shard[i])] != list(range(len(ids))) or len(ids) != entry["n"]:
-            problems.append(f"{entry['file']}: manifest indices are not 0..{entry['n'] - 1}")
-            continue
-        problems += [f"{entry['file']}: {p}" for p in _check_shard(manifest.root, entry, ids, manifest)]
-    return problems
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise ShardError(
+            path, f"not a readable HDF5 file, corrupt or truncated ({one_line(exc)}); restore it or rerun `brainage preprocess`"
+        ) from None

@@ -232,7 +232,8 @@ class DeviceAugment:
             x = torch.where(flip, x.flip(2 + axis), x)
         if a.affine_prob > 0:
             chosen = torch.rand(b, generator=g, device=dev) < a.affine_prob
-            theta = self._affine_theta(b, tuple(x.shape[2:]), g, dev)  # drawn for all: fixed RNG consumption
+            spatial = (int(x.shape[2]), int(x.shape[3]), int(x.shape[4]))
+            theta = self._affine_theta(b, spatial, g, dev)  # drawn for all: fixed RNG consumption
             idx = chosen.nonzero().squeeze(1)
             if idx.numel() > 0:  # host sync: only to skip an empty grid_sample
                 sub = x.index_select(0, idx)

@@ -5,10 +5,15 @@ The trainer never branches on DDP vs DeepSpeed or on fp16 vs bf16: it calls
 * ``setup(model, optimizer, scheduler) -> (model, optimizer)`` (joint, as DeepSpeed needs),
 * ``autocast()`` around forward, ``backward(loss)`` per micro-batch,
 * ``no_sync(model, enabled)`` around non-boundary micro-batches,
-* ``step(is_boundary) -> bool`` (clip, optimizer, scheduler, zero grad),
-* ``all_reduce``, ``barrier``, ``unwrap``, ``save``/``load``.
+* ``step(is_boundary) -> StepResult | None`` (clip, optimizer, scheduler, zero grad),
+* ``all_reduce``, ``barrier``, ``unwrap``, ``save``/``read``/``apply``.
 
 Backends are siblings, not subclasses of each other.
+
+A non-finite loss or gradient skips the whole update *on the device*: the
+gradient norm decides, and fused optimizers (and ``GradScaler``) take the
+resulting ``found_inf`` flag without a host sync. The step result stays on
+the device until the trainer reads it at a logging or checkpoint boundary.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ import contextlib
 import copy
 import json
 import logging
-import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +32,14 @@ import torch.distributed as dist
 from torch import nn
 
 from brainage_hpc.config import TrainConfig
+from brainage_hpc.engine import checkpoint as ckpt
 from brainage_hpc.engine.distributed import DistEnv
+from brainage_hpc.engine.syncs import host_values
 
-__all__ = ["Backend", "Precision", "SingleBackend", "DDPBackend", "DeepSpeedBackend", "build_backend", "deepspeed_config"]
+__all__ = [
+    "Backend", "Precision", "StepResult", "SingleBackend", "DDPBackend", "DeepSpeedBackend", "build_backend",
+    "deepspeed_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +66,26 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
+@dataclass
+class StepResult:
+    """Outcome of one optimizer step, as device tensors (reading them is a host sync).
+
+    Attributes:
+        skipped: () bool, the update was skipped (non-finite loss or gradient, fp16 overflow).
+        grad_norm: () float, gradient norm before clipping.
+    """
+
+    skipped: torch.Tensor
+    grad_norm: torch.Tensor
+
+
 class Backend(ABC):
     """One interface for single-process, DDP and DeepSpeed training."""
 
     name = "base"
+    # True when a non-finite loss must be caught on the host before backward (one sync
+    # per micro-batch) because the backend would apply non-finite gradients.
+    host_checks_loss = False
 
     def __init__(self, env: DistEnv, device: torch.device, cfg: TrainConfig, micro_batch: int) -> None:
         self.env = env
@@ -84,12 +110,11 @@ class Backend(ABC):
         """Backward of one micro-batch's (unscaled, un-averaged) loss."""
 
     @abstractmethod
-    def step(self, is_boundary: bool) -> tuple[bool, float]:
+    def step(self, is_boundary: bool) -> StepResult | None:
         """Finish a micro-batch; at a boundary clip, step optimizer and scheduler.
 
         Returns:
-            (stepped, grad_norm): whether the optimizer stepped, and the gradient
-            norm before clipping (NaN when not a boundary).
+            None between boundaries; at a boundary a :class:`StepResult` on the device.
         """
 
     def no_sync(self, model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager[Any]:
@@ -115,8 +140,22 @@ class Backend(ABC):
         """Write a checkpoint (all ranks call it; who writes what is the backend's business)."""
 
     @abstractmethod
+    def read(self, path: Path) -> dict[str, Any]:
+        """Read and verify a checkpoint without touching the model; return the trainer state.
+
+        Raises:
+            CheckpointUnreadable: damaged, incomplete or not a checkpoint (one line).
+        """
+
+    @abstractmethod
+    def apply(self, stored: dict[str, Any], path: Path, model: nn.Module, optimizer: Any) -> None:
+        """Restore model/optimizer/scaler/scheduler from what :meth:`read` returned."""
+
     def load(self, path: Path, model: nn.Module, optimizer: Any) -> dict[str, Any]:
-        """Restore model/optimizer/scaler/scheduler; return the trainer state stored with them."""
+        """:meth:`read` then :meth:`apply`; returns the trainer state."""
+        stored = self.read(path)
+        self.apply(stored, path, model, optimizer)
+        return stored
 
 
 class _TorchBackend(Backend):
@@ -133,34 +172,34 @@ class _TorchBackend(Backend):
     def backward(self, loss: torch.Tensor) -> None:
         self.precision.scaler.scale(loss / self.cfg.grad_accum).backward()
 
-    def step(self, is_boundary: bool) -> tuple[bool, float]:
+    def step(self, is_boundary: bool) -> StepResult | None:
         if not is_boundary:
-            return False, math.nan
-        scaler = self.precision.scaler
-        scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            return None
+        opt, scaler = self.optimizer, self.precision.scaler
+        scaler.unscale_(opt)
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        # DDP has averaged the gradients, so every rank computes the same norm and skips alike.
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        # .item() forces a CPU-GPU sync: once per optimizer step, needed to skip non-finite steps.
-        norm_value = float(norm.item())
+        skipped = ~torch.isfinite(norm)
+        fused = all(g.get("fused") for g in opt.param_groups)
         if scaler.is_enabled():
-            # GradScaler skips the step itself on inf/NaN gradients and lowers the scale.
-            scale_before = scaler.get_scale()
-            scaler.step(self.optimizer)
+            scaler.step(opt)  # skips on inf/NaN gradients itself (without a sync when fused)
             scaler.update()
-            stepped = math.isfinite(norm_value) and scaler.get_scale() >= scale_before
-        else:
-            stepped = math.isfinite(norm_value)
-            if stepped:
-                self.optimizer.step()
-        if stepped and self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return stepped, norm_value
+        elif fused:
+            opt.grad_scale, opt.found_inf = None, skipped.float()  # the fused kernel skips on the device
+            try:
+                opt.step()
+            finally:
+                del opt.grad_scale, opt.found_inf
+        elif host_values(skipped)[0] == 0:  # non-fused optimizer: one host sync per step
+            opt.step()
+        if self.scheduler is not None:
+            self.scheduler.step()  # a skipped update still advances the schedule: lr is a function of the step
+        opt.zero_grad(set_to_none=True)
+        return StepResult(skipped, norm.detach())
 
     def save(self, path: Path, state: dict[str, Any], model: nn.Module, optimizer: Any) -> None:
-        from brainage_hpc.engine.checkpoint import atomic_torch_save
-
         if not self.is_global_zero:
             return
         full = dict(state)
@@ -169,19 +208,23 @@ class _TorchBackend(Backend):
         full["scaler"] = self.precision.scaler.state_dict()
         full["scheduler"] = self.scheduler.state_dict() if self.scheduler is not None else None
         full["backend"] = self.name
-        atomic_torch_save(full, path)
+        ckpt.save_sealed(full, path)
 
-    def load(self, path: Path, model: nn.Module, optimizer: Any) -> dict[str, Any]:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        self.unwrap(model).load_state_dict(ckpt.pop("model"))
-        optimizer.load_state_dict(ckpt.pop("optimizer"))
-        scaler_state = ckpt.pop("scaler", None)
+    def read(self, path: Path) -> dict[str, Any]:
+        stored = ckpt.read_checkpoint(path)
+        if "model" not in stored or "optimizer" not in stored:
+            raise ckpt.CheckpointUnreadable(f"{path}: not a training checkpoint (no model/optimizer state)")
+        return stored
+
+    def apply(self, stored: dict[str, Any], path: Path, model: nn.Module, optimizer: Any) -> None:
+        self.unwrap(model).load_state_dict(stored.pop("model"))
+        optimizer.load_state_dict(stored.pop("optimizer"))
+        scaler_state = stored.pop("scaler", None)
         if scaler_state:
             self.precision.scaler.load_state_dict(scaler_state)
-        sched_state = ckpt.pop("scheduler", None)
+        sched_state = stored.pop("scheduler", None)
         if sched_state is not None and self.scheduler is not None:
             self.scheduler.load_state_dict(sched_state)
-        return ckpt
 
 
 class SingleBackend(_TorchBackend):
@@ -200,7 +243,8 @@ class DDPBackend(_TorchBackend):
             log.info("ddp backend with one process: running without DDP wrapping")
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
+        # BatchNorm running stats follow rank 0 at every forward (``broadcast_buffers`` is the deprecated name).
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=True)
 
     def no_sync(self, model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager[Any]:
         if enabled and isinstance(model, nn.parallel.DistributedDataParallel):
@@ -250,6 +294,7 @@ class DeepSpeedBackend(Backend):
     """
 
     name = "deepspeed"
+    host_checks_loss = True  # DeepSpeed's bf16/fp32 optimizers apply non-finite gradients
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[nn.Module, Any]:
         import deepspeed
@@ -281,27 +326,35 @@ class DeepSpeedBackend(Backend):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self, is_boundary: bool) -> tuple[bool, float]:
+    def step(self, is_boundary: bool) -> StepResult | None:
         self.engine.step()
         if not is_boundary:
-            return False, math.nan
+            return None
         norm = self.engine.get_global_grad_norm()
-        value = float(norm) if norm is not None else math.nan
         skipped = bool(getattr(self.engine, "skipped_steps", 0) and getattr(self.engine.optimizer, "overflow", False))
-        return not skipped, value
+        value = norm.detach().float().reshape(()) if isinstance(norm, torch.Tensor) else torch.tensor(
+            float("nan") if norm is None else float(norm))
+        return StepResult(torch.tensor(skipped, device=self.device), value.to(self.device))
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return getattr(model, "module", model)
 
     def save(self, path: Path, state: dict[str, Any], model: nn.Module, optimizer: Any) -> None:
-        # path is the run's ds/ folder + tag; every rank writes its ZeRO partition.
+        # path is the run's ds/ folder + tag; every rank writes its ZeRO partition. The trainer
+        # adds trainer_state.pt, checksums.sha256 and .complete once every rank is done.
         self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state={"trainer": state})
 
-    def load(self, path: Path, model: nn.Module, optimizer: Any) -> dict[str, Any]:
-        load_path, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+    def read(self, path: Path) -> dict[str, Any]:
+        if not path.is_dir():
+            raise ckpt.CheckpointUnreadable(f"{path}: not a DeepSpeed checkpoint folder (train.backend=deepspeed)")
+        if self.is_global_zero:
+            ckpt.verify_checkpoint(path)  # every file against checksums.sha256 (once, on rank 0)
+        return ckpt.read_checkpoint(path / "trainer_state.pt", warn_unverified=False)
+
+    def apply(self, stored: dict[str, Any], path: Path, model: nn.Module, optimizer: Any) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         if load_path is None:
-            raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
-        return dict(client.get("trainer", {}))
+            raise ckpt.CheckpointUnreadable(f"{path}: DeepSpeed could not load this checkpoint")
 
 
 def build_backend(env: DistEnv, device: torch.device, cfg: TrainConfig, micro_batch: int) -> Backend:

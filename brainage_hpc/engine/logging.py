@@ -2,6 +2,11 @@
 
 Other ranks get a :class:`RunLogger` whose methods do nothing, so the trainer
 never checks the rank before logging.
+
+After a resume from step S (``open(S)``), records of later steps, written by a
+run that was killed after its last checkpoint, are dropped: ``metrics.jsonl`` is
+rewritten without them and TensorBoard gets ``purge_step=S+1``, so no step is
+logged twice.
 """
 
 from __future__ import annotations
@@ -44,19 +49,34 @@ class RunLogger:
     def __init__(self, run_dir: Path, enabled: bool, progress: bool = True) -> None:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
-        self.writer = None
+        self.writer: Any = None
+        self._jsonl: Any = None
         self._bar = None
         self._progress = progress and enabled
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
-            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+    def open(self, resume_step: int | None = None) -> None:
+        """Open the files; with ``resume_step``, drop what was logged after it first.
+
+        Nothing is written before this (or the first record, which opens without
+        dropping), so a refused resume leaves the run folder as it was.
+        """
+        if not self.enabled or self.writer is not None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        path = self.run_dir / "metrics.jsonl"
+        purge = None
+        if resume_step is not None:
+            _truncate_jsonl(path, resume_step)
+            purge = resume_step + 1
+        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge)
+        self._jsonl = open(path, "a", buffering=1)
 
     def scalars(self, values: dict[str, float], step: int, **extra: Any) -> None:
         """Log scalars to TensorBoard and one JSON line (``step`` and ``extra`` included)."""
         if not self.enabled:
             return
+        self.open()
         clean = {k: float(v) for k, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
         for k, v in clean.items():
             self.writer.add_scalar(k, v, step)
@@ -65,16 +85,19 @@ class RunLogger:
 
     def image(self, tag: str, volume: torch.Tensor, step: int) -> None:
         if self.enabled:
+            self.open()
             self.writer.add_image(tag, mid_slices(volume), step, dataformats="CHW")
 
     def event(self, kind: str, step: int, **fields: Any) -> None:
         """A non-metric record in metrics.jsonl (start, resume, preempt, end)."""
         if self.enabled:
+            self.open()
             self._jsonl.write(json.dumps({"event": kind, "step": step, "time": round(time.time(), 3), **fields}) + "\n")
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
+        self.open()
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
         clean = {f"hparam/{k}": float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         self.writer.add_hparams(flat, clean, run_name="hparams")
@@ -101,8 +124,28 @@ class RunLogger:
 
     def close(self) -> None:
         self.close_bar()
-        if self.enabled:
+        if self.enabled and self.writer is not None:
             self.writer.flush()
             self.writer.close()
             self._jsonl.close()
-            self.enabled = False
+        self.enabled = False
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Rewrite ``metrics.jsonl`` without records of steps after ``step`` (temp file + rename)."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record_step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            record_step = None  # a line torn by kill -9: drop it
+        if isinstance(record_step, (int, float)) and record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)

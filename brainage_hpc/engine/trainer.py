@@ -1,10 +1,15 @@
 """One training loop for every model and backend.
 
-The loop reads like a script: ``fit`` -> ``on_train_start`` -> for each epoch
+The loop reads like a script: ``fit`` -> resume -> for each epoch
 ``train_epoch`` (micro-batches, accumulation, optimizer steps, logging,
-preemption check) -> ``validate`` -> ``on_epoch_end`` (best model, checkpoint,
+stop requests) -> ``validate`` -> ``on_epoch_end`` (best model, checkpoint,
 early stop). Models return ``{"loss", "loss/<part>", ...}`` from ``forward``
 so there are no per-model branches here.
+
+Host-device syncs: losses, non-finite flags and gradient norms stay on the
+device; they are read once per logging interval and at checkpoints
+(``syncs.host_values``). A non-finite loss or gradient skips the whole update
+on the device; the count is checked against ``train.nan_max`` at those reads.
 """
 
 from __future__ import annotations
@@ -21,19 +26,20 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from brainage_hpc.config import RunConfig, config_to_dict
-from brainage_hpc.engine import checkpoint as ckpt
+from brainage_hpc.config import RunConfig
 from brainage_hpc.engine.backends import Backend
+from brainage_hpc.engine.keeper import CheckpointKeeper
 from brainage_hpc.engine.logging import RunLogger
+from brainage_hpc.engine.schedule import lr_plan_of
+from brainage_hpc.engine.signals import PREEMPT_EXIT_CODE, StopRequests, stop_exit_code
+from brainage_hpc.engine.syncs import host_values
 from brainage_hpc.engine.val_metrics import ValAccumulator
 
-__all__ = ["Trainer", "TrainState", "Outcome", "PREEMPT_EXIT_CODE"]
+__all__ = ["Trainer", "TrainState", "Outcome", "PREEMPT_EXIT_CODE", "stop_exit_code"]
 
 log = logging.getLogger(__name__)
-Outcome = Literal["completed", "preempted", "early_stopped", "diverged"]
-# Exit code of a process that checkpointed because of SIGUSR1/SIGTERM: the
-# sbatch script and the launcher requeue on it.
-PREEMPT_EXIT_CODE = 3
+# preempted: SIGUSR1 (exit 3, requeue); stopped: SIGTERM/SIGINT (exit 128+signum, no requeue)
+Outcome = Literal["completed", "preempted", "stopped", "early_stopped", "diverged"]
 # Test hook: sleep this long after each optimizer step (to signal a run mid-way).
 _STEP_SLEEP_S = float(os.environ.get("BRAINAGE_TEST_STEP_SLEEP_S", "0") or 0)
 
@@ -43,7 +49,7 @@ class TrainState:
     """Counters restored on resume (everything the loop needs besides weights)."""
 
     epoch: int = 0
-    step: int = 0  # optimizer steps done
+    step: int = 0  # optimizer steps done (skipped updates included)
     batches_done: int = 0  # micro-batches done in the current epoch
     best_metric: float | None = None
     best_step: int = -1
@@ -77,149 +83,63 @@ class Trainer:
         self.logger = logger
         self.meta = meta or {}
         self.state = TrainState()
-        self._stop_requested = False
         self.accum = cfg.train.grad_accum
         self.steps_per_epoch = max(len(train_data) // self.accum, 1)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.input_dtype = getattr(backend, "input_dtype", None)
+        self.lr_plan = lr_plan_of(getattr(backend, "scheduler", None))
+        self.stops = StopRequests(backend.env.rank, backend.env.is_distributed, cfg.train.dist_timeout_s)
+        self.stop_signal = 0
+        self.keeper = CheckpointKeeper(self)
+        self._bad = torch.zeros((), dtype=torch.int32, device=backend.device)  # skipped updates not yet read
+        self._clean_until = 0  # last step at which the skipped-update count was read as zero
         if isinstance(getattr(train_data, "loader", None), torch.utils.data.DataLoader):
             # A private generator keeps DataLoader iterator creation from consuming
             # the global torch RNG, which exact resume restores.
             train_data.loader.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + backend.env.rank)
 
-    # ------------------------------------------------------------------ signals
+    # ------------------------------------------------------------------ stop requests
 
-    def install_signal_handlers(self) -> dict[int, Any]:
-        """SIGUSR1/SIGTERM set a flag; the loop checkpoints at the next step boundary.
+    def request_stop(self, signum: int = signal.SIGUSR1) -> None:
+        """Ask the loop to checkpoint and stop (SIGUSR1 semantics: requeue wanted)."""
+        self.stops.request(signum)
 
-        Returns the previous handlers, which :meth:`fit` puts back when it returns: a
-        process that trains in-process and later forks (a notebook, a test runner)
-        must not hand children a SIGTERM that only sets a flag, or ``Pool.terminate``
-        can no longer stop them.
-        """
-
-        def _request_stop(signum: int, _frame: Any) -> None:
-            self._stop_requested = True
-            log.warning("rank %d got %s: will checkpoint at the next step boundary", self.backend.env.rank, signal.Signals(signum).name)
-
-        return {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-
-    def request_stop(self) -> None:
-        """Ask the loop to checkpoint and stop (used by the submitit job)."""
-        self._stop_requested = True
-
-    def _all_agree_to_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.backend.device)
-        return bool(self.backend.all_reduce(flag, "max").item() > 0)
+    def exit_code(self, outcome: Outcome) -> int:
+        """Process exit code of ``outcome`` (contract with the sbatch scripts and the launcher)."""
+        if outcome in ("preempted", "stopped"):
+            return stop_exit_code(self.stop_signal or signal.SIGUSR1)
+        return 1 if outcome == "diverged" else 0
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _trainer_state(self) -> dict[str, Any]:
-        rng = ckpt.capture_rng()
-        if self.backend.env.is_distributed and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * self.backend.env.world_size
-            torch.distributed.all_gather_object(gathered, rng)
-            rngs = gathered
-        else:
-            rngs = [rng]
-        sampler = self.train_data.sampler
-        consumed = self.state.batches_done * self.backend.micro_batch
-        return {
-            "format_version": ckpt.CKPT_FORMAT,
-            "epoch": self.state.epoch,
-            "step": self.state.step,
-            "batches_done": self.state.batches_done,
-            "best_metric": self.state.best_metric,
-            "best_step": self.state.best_step,
-            "epochs_since_best": self.state.epochs_since_best,
-            "bad_steps": self.state.bad_steps,
-            "sampler": sampler.state_dict(consumed) if sampler is not None else None,
-            "rng": rngs,
-            "world_size": self.backend.env.world_size,
-            "config": config_to_dict(self.cfg),
-            "git_sha": self.meta.get("git_sha", "unknown"),
-            "shape": self.meta.get("shape"),
-            "preprocess": self.meta.get("preprocess"),
-            "affine": self.meta.get("affine"),
-        }
+    def trainer_state(self) -> dict[str, Any]:
+        """Everything besides weights and optimizer that a resume needs (collective: RNG of all ranks)."""
+        return self.keeper.trainer_state()
 
     def save_checkpoint(self, is_best: bool = False) -> Path:
         """Checkpoint the current step on every backend, then update last/best and prune."""
-        b = self.backend
-        path = ckpt.checkpoint_path(self.run_dir, self.state.step, b.name)
-        state = self._trainer_state()
-        b.save(path, state, self.model, self.optimizer)
-        if b.name == "deepspeed":
-            b.barrier()
-            if b.is_global_zero:
-                ckpt.atomic_torch_save(state, path / "trainer_state.pt")
-                (path / ".complete").touch()
-                _write_pointer(self.run_dir / "ds" / "last.txt", path.name)
-                if is_best:
-                    _write_pointer(self.run_dir / "ds" / "best.txt", path.name)
-        elif b.is_global_zero:
-            ckpt.link_as(path, "last.pt")
-            if is_best:
-                ckpt.link_as(path, "best.pt")
-        if b.is_global_zero:
-            protect = {path}
-            best = self._best_path()
-            if best is not None:
-                protect.add(best)
-            ckpt.prune_checkpoints(self.run_dir, b.name, self.cfg.train.keep_last, protect)
-        b.barrier()
-        return path
-
-    def _best_path(self) -> Path | None:
-        if self.state.best_step < 0:
-            return None
-        return ckpt.checkpoint_path(self.run_dir, self.state.best_step, self.backend.name)
+        return self.keeper.save(is_best)
 
     def resume(self, resume: str) -> bool:
-        """Load the newest readable checkpoint; a corrupt one is skipped with a warning."""
-        for path in ckpt.find_resume(self.run_dir, self.backend.name, resume):
-            try:
-                stored = self.backend.load(path, self.model, self.optimizer)
-            except Exception as exc:  # corrupt or partial: fall back to the previous one
-                log.warning("skipping unreadable checkpoint %s (%s: %s)", path, exc.__class__.__name__, exc)
-                continue
-            self._restore_trainer_state(stored)
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step, self.state.epoch, self.state.batches_done)
-            self.logger.event("resume", self.state.step, path=str(path), epoch=self.state.epoch)
-            return True
-        if resume not in ("auto", "none"):
-            raise RuntimeError(f"{resume}: checkpoint could not be loaded")
-        return False
-
-    def _restore_trainer_state(self, stored: dict[str, Any]) -> None:
-        s = self.state
-        s.epoch, s.step, s.batches_done = int(stored["epoch"]), int(stored["step"]), int(stored["batches_done"])
-        s.best_metric = stored.get("best_metric")
-        s.best_step = int(stored.get("best_step", -1))
-        s.epochs_since_best = int(stored.get("epochs_since_best", 0))
-        s.bad_steps = int(stored.get("bad_steps", 0))
-        if stored.get("sampler") is not None and self.train_data.sampler is not None:
-            self.train_data.sampler.load_state_dict(stored["sampler"])
-        rngs = stored.get("rng") or []
-        rank = self.backend.env.rank
-        if len(rngs) == self.backend.env.world_size:
-            ckpt.restore_rng(rngs[rank])
-        elif rngs:
-            log.warning("checkpoint has RNG states of %d ranks, this run has %d: RNG not restored", len(rngs), self.backend.env.world_size)
+        """Load the newest verified checkpoint (``auto``), a given one, or none; see ``keeper``."""
+        return self.keeper.resume(resume)
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self, resume: str = "auto") -> Outcome:
-        """Train until the planned step count, early stop, divergence or preemption."""
-        previous = self.install_signal_handlers()
+        """Train until the planned step count, early stop, divergence or a stop request."""
+        self.stops.install()
         try:
             return self._fit(resume)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self.stops.close()
+            self.stops.restore()
 
     def _fit(self, resume: str) -> Outcome:
-        self.resume(resume)
+        resumed = self.resume(resume)  # refused resumes raise here, before any file is written
+        self.logger.open(self.state.step)  # drops log records after the resume point
+        if resumed:
+            self.logger.event("resume", self.state.step, path=str(self.keeper.resumed_from), epoch=self.state.epoch)
         self.logger.event("start", self.state.step, total_steps=self.total_steps, world_size=self.backend.env.world_size)
         self.logger.start_bar(self.total_steps, self.state.step, desc=self.cfg.name)
         outcome: Outcome = "completed"
@@ -236,14 +156,25 @@ class Trainer:
                     break
         finally:
             self.logger.close_bar()
+        if outcome == "diverged":
+            self.keeper.on_diverged(self._clean_until)
         if outcome in ("completed", "early_stopped") and self.backend.is_global_zero:
-            self.logger.hparams(
-                {"model": self.cfg.model.name, "task": self.cfg.model.task, "backend": self.backend.name,
-                 "precision": self.cfg.train.precision, "lr": self.cfg.train.lr, "batch_size": self.cfg.data.batch_size},
-                {"best_metric": self.state.best_metric if self.state.best_metric is not None else math.nan},
-            )
+            self.logger.hparams(self._hparams(), self._hparam_metrics())
         self.logger.event("end", self.state.step, outcome=outcome)
         return outcome
+
+    def _hparams(self) -> dict[str, Any]:
+        c, t = self.cfg, self.cfg.train
+        return {
+            "model": c.model.name, "task": c.model.task, "backend": self.backend.name, "precision": t.precision,
+            "world_size": self.backend.env.world_size, "epochs": t.epochs, "max_steps": t.max_steps,
+            "total_steps": self.total_steps, "lr": t.lr, "batch_size": c.data.batch_size, "grad_accum": t.grad_accum,
+            "optimizer": t.optimizer, "schedule": t.schedule, "seed": t.seed, "monitor": f"{t.monitor} ({t.monitor_mode})",
+        }
+
+    def _hparam_metrics(self) -> dict[str, float]:
+        best = self.state.best_metric if self.state.best_metric is not None else math.nan
+        return {self.cfg.train.monitor: best, "best_metric": best, "best_step": float(self.state.best_step)}
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -259,6 +190,21 @@ class Trainer:
     def _zero_loss(self) -> torch.Tensor:
         """A loss with zero gradient for every parameter (replaces a non-finite loss)."""
         return sum(p.sum() for p in self.model.parameters()) * 0.0  # type: ignore[return-value]
+
+    def _guard_loss(self, loss: torch.Tensor, window: _Window) -> torch.Tensor:
+        b = self.backend
+        if b.host_checks_loss:
+            # DeepSpeed would apply non-finite gradients in bf16/fp32: catch the loss on the host.
+            finite = b.all_reduce(torch.isfinite(loss.detach()).float().reshape(1), "min")
+            if host_values(finite)[0] < 1:  # sync: once per micro-batch, DeepSpeed only
+                window.host_bad = True
+                return self._zero_loss()
+            return loss
+        # A non-finite loss turns every gradient into NaN (on all ranks, through DDP's
+        # all-reduce), so the backend skips the update on the device; a finite one is
+        # multiplied by exactly 1.
+        one = torch.ones((), device=loss.device, dtype=loss.dtype)
+        return loss * torch.where(torch.isfinite(loss.detach()), one, one * math.nan)
 
     def train_epoch(self) -> Outcome:
         cfg, b, s = self.cfg.train, self.backend, self.state
@@ -283,57 +229,82 @@ class Trainer:
             with b.no_sync(self.model, enabled=not boundary):
                 with b.autocast():
                     out = self.model(batch)
-                loss = out["loss"]
-                finite = b.all_reduce(torch.isfinite(loss.detach()).float().reshape(1), "min")
-                # .item(): one sync per micro-batch so all ranks skip a non-finite loss together.
-                if finite.item() < 1:
-                    window.bad = True
-                    loss = self._zero_loss()
-                b.backward(loss)
+                b.backward(self._guard_loss(out["loss"], window))
             window.add(out, batch["image"].shape[0], t_data)
-            stepped, grad_norm = b.step(boundary)
+            result = b.step(boundary)
             s.batches_done += 1
-            if not boundary:
+            if result is None:
                 continue
-            if window.bad or not stepped:
-                s.bad_steps += 1
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", s.step, s.bad_steps)
-                if s.bad_steps > cfg.nan_max:
-                    log.error("more than %d non-finite steps: stopping (diverged)", cfg.nan_max)
-                    self.logger.event("diverged", s.step, bad_steps=s.bad_steps)
-                    return "diverged"
+            self._bad += result.skipped.to(torch.int32)
+            if window.host_bad:
+                self._bad += 1
+                window.host_bad = False
+            window.grad_norm = result.grad_norm
             s.step += 1
             now = time.perf_counter()
             window.step_time += now - t_last
             t_last = now
             if s.step % cfg.log_every_steps == 0 or s.step == self.total_steps:
-                self._log_train(window, grad_norm)
+                if self._log_train(window):
+                    return "diverged"
                 window = _Window(b.device)
             self.logger.update_bar(1, epoch=s.epoch)
             if _STEP_SLEEP_S:
                 time.sleep(_STEP_SLEEP_S)
-            if self._all_agree_to_stop():
+            signum = self.stops.poll()
+            if signum:
+                if self._read_bad():
+                    return "diverged"
+                self.stop_signal = signum
                 self.save_checkpoint()
-                self.logger.event("preempt", s.step, epoch=s.epoch, batches_done=s.batches_done)
-                return "preempted"
+                self.logger.event("preempt" if signum == signal.SIGUSR1 else "stop", s.step, epoch=s.epoch,
+                                  batches_done=s.batches_done, signal=signal.Signals(signum).name)
+                return "preempted" if signum == signal.SIGUSR1 else "stopped"
             if cfg.ckpt_every_steps and s.step % cfg.ckpt_every_steps == 0:
+                if self._read_bad():
+                    return "diverged"
                 self.save_checkpoint()
             if s.step >= self.total_steps:
                 if s.batches_done >= len(data):
                     s.batches_done = 0
                     s.epoch += 1
                 else:
+                    if self._read_bad():
+                        return "diverged"
                     self.save_checkpoint()
                 return "completed"
         s.batches_done = 0
         s.epoch += 1
         return "completed"
 
-    def _log_train(self, w: "_Window", grad_norm: float) -> None:
+    def _count_bad(self, n: int) -> bool:
+        """Add ``n`` skipped updates read from the device; True when the run has diverged."""
+        s = self.state
+        if n:
+            s.bad_steps += n
+            log.warning("steps %d-%d: %d update(s) skipped for a non-finite loss or gradient (%d so far)",
+                        self._clean_until + 1, s.step, n, s.bad_steps)
+        else:
+            self._clean_until = s.step
+        self._bad.zero_()
+        if s.bad_steps > self.cfg.train.nan_max:
+            self.logger.event("diverged", s.step, bad_steps=s.bad_steps)
+            return True
+        return False
+
+    def _read_bad(self) -> bool:
+        return self._count_bad(int(host_values(self._bad)[0]))  # sync: at checkpoints only
+
+    def _log_train(self, w: _Window) -> bool:
+        """Log the window's means; returns True when the run has diverged (one host sync)."""
         b = self.backend
         sums = b.all_reduce(w.sums.clone(), "sum")
-        n = max(float(sums[0].item()), 1.0)  # .item(): sync at logging interval only
-        values = {f"train/{k}": float(v) / n for k, v in zip(w.keys, sums[1:].tolist())}
+        norm = w.grad_norm if w.grad_norm is not None else torch.tensor(math.nan, device=b.device)
+        packed = torch.cat([sums, self._bad.to(sums.dtype).reshape(1), norm.to(sums.dtype).reshape(1)])
+        values_host = host_values(packed)  # sync: once per logging interval
+        n = max(values_host[0], 1.0)
+        grad_norm = values_host[-1]
+        values = {f"train/{k}": v / n for k, v in zip(w.keys, values_host[1:-2])}
         values["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
         if math.isfinite(grad_norm):
             values["train/grad_norm"] = grad_norm
@@ -344,6 +315,7 @@ class Trainer:
             values["perf/max_memory_gb"] = torch.cuda.max_memory_allocated(b.device) / 2**30
         self.logger.scalars(values, self.state.step, epoch=self.state.epoch)
         self.logger.update_bar(0, loss=values.get("train/loss", math.nan))
+        return self._count_bad(int(values_host[-2]))
 
     # ------------------------------------------------------------------ validation / epoch end
 
@@ -388,6 +360,8 @@ class Trainer:
         elif not metrics and s.best_step < 0:
             is_best = True  # no validation: the latest model is the best we know
             s.best_step = s.step
+        if self._read_bad():
+            return "diverged"
         self.save_checkpoint(is_best=is_best)
         if cfg.early_stop_patience and s.epochs_since_best >= cfg.early_stop_patience:
             log.info("early stop: %s did not improve for %d epochs", cfg.monitor, s.epochs_since_best)
@@ -405,7 +379,8 @@ class _Window:
         self.sums = torch.zeros(1, device=device)
         self.data_time = 0.0
         self.step_time = 0.0
-        self.bad = False
+        self.host_bad = False  # DeepSpeed: a non-finite loss caught on the host in this step
+        self.grad_norm: torch.Tensor | None = None  # of the last step, on the device
 
     def add(self, out: dict[str, torch.Tensor], n: int, t_data: float) -> None:
         parts = {k: v for k, v in out.items() if k == "loss" or k.startswith("loss/")}
@@ -416,9 +391,3 @@ class _Window:
         vals = torch.nan_to_num(vals, nan=0.0, posinf=0.0, neginf=0.0)
         self.sums += torch.cat([torch.tensor([float(n)], device=self.device), vals * n])
         self.data_time += t_data
-
-
-def _write_pointer(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(path)

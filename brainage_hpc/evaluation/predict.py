@@ -1,10 +1,9 @@
-"""Inference with a trained run: load the model, predict batches, predict raw NIfTI files.
+"""Inference with a trained run: load the model, predict batches.
 
 A run folder (plain or DeepSpeed) or an exported ``model.pt`` carries everything
 inference needs: weights, the run config, the volume shape, the shard grid's
-affine and the preprocessing config. :func:`predict_files` applies exactly the
-preprocessing the shards were built with (:func:`~brainage_hpc.ingest.preprocess.preprocess_volume`),
-so a raw T1w of any shape, voxel size and orientation can be scored.
+affine and the preprocessing config. Scoring NIfTI files (a cohort, resumable,
+in parallel) is :mod:`brainage_hpc.evaluation.cohort_predict`.
 
 Every model gives, per subject, ``pred_age`` (years) and, where it can, the
 4-class seed bin and the 2-class (<31 vs >=31) prediction, so every run can be
@@ -20,10 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,14 +30,12 @@ from torch import nn
 from brainage_hpc.config import RunConfig
 
 __all__ = [
-    "FilePrediction",
     "LoadedModel",
     "SEX_CHOICES",
     "class_centres",
-    "find_nifti",
     "load_model",
     "predict_batch",
-    "predict_files",
+    "read_calibration",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,7 +73,9 @@ class LoadedModel:
         preprocess: preprocessing config of the shards (``PreprocessConfig.to_dict()``).
         step: training step of the weights.
         source: run folder or model file the weights came from.
-        device: where the model lives.
+        device: where the model lives (CPU for ONNX/TorchScript exports).
+        fingerprint: preprocessing fingerprint of the training shards (contract 4), when recorded.
+        calibration: the run's ``calibration.json`` (contract 7), when present.
     """
 
     model: nn.Module
@@ -88,6 +86,8 @@ class LoadedModel:
     step: int | None
     source: Path
     device: torch.device
+    fingerprint: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
 
     @property
     def task(self) -> str:
@@ -116,11 +116,11 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None) -> LoadedModel:
-    """Load a run folder (plain or DeepSpeed) or an exported ``model.pt`` for inference.
+    """Load a run folder (plain or DeepSpeed), an exported ``model.pt``, ``.onnx`` or TorchScript file.
 
     Args:
         path: run folder or checkpoint/model file.
-        device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
+        device: ``"cpu"``, ``"cuda"``...; default CUDA when available (ONNX/TorchScript run on CPU).
 
     Returns:
         The :class:`LoadedModel` in eval mode.
@@ -131,11 +131,15 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Lo
     """
     from brainage_hpc.config import ConfigError, config_from_dict
     from brainage_hpc.engine.checkpoint import load_inference_bundle
+    from brainage_hpc.evaluation.exported import is_exported_file
     from brainage_hpc.models.registry import build_model
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run folder or checkpoint file")
+    kind = is_exported_file(path)
+    if kind is not None:
+        return _load_exported(path, kind)
     bundle = load_inference_bundle(path)
     try:
         cfg = config_from_dict(dict(bundle["config"]), source=str(path))
@@ -166,6 +170,50 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Lo
         step=bundle.get("step"),
         source=path,
         device=dev,
+        fingerprint=bundle.get("fingerprint"),
+        calibration=bundle.get("calibration") or read_calibration(path),
+    )
+
+
+def read_calibration(path: Path) -> dict[str, Any] | None:
+    """A run folder's ``calibration.json`` (contract 7), or None (also for a file).
+
+    Raises:
+        ValueError: the file exists but is not readable JSON.
+    """
+    import json
+
+    target = path / "calibration.json" if path.is_dir() else None
+    if target is None or not target.exists():
+        return None
+    try:
+        data = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{target}: unreadable calibration ({type(exc).__name__}: {exc})") from None
+    return data if isinstance(data, dict) else None
+
+
+def _load_exported(path: Path, kind: Any) -> LoadedModel:
+    from brainage_hpc.config import ConfigError, config_from_dict
+    from brainage_hpc.evaluation.exported import load_exported
+
+    module, meta = load_exported(path, kind)
+    try:
+        cfg = config_from_dict(dict(meta["config"]), source=str(path))
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: export holds no usable run config ({exc})") from None
+    shape = tuple(int(s) for s in meta["shape"])
+    return LoadedModel(
+        model=module.eval(),
+        cfg=cfg,
+        shape=shape,  # type: ignore[arg-type]
+        affine=np.asarray(meta.get("affine") if meta.get("affine") is not None else np.eye(4), dtype=np.float64),
+        preprocess=dict(meta.get("preprocess") or {}),
+        step=meta.get("step"),
+        source=path,
+        device=torch.device("cpu"),
+        fingerprint=meta.get("fingerprint"),
+        calibration=meta.get("calibration"),
     )
 
 
@@ -202,92 +250,3 @@ def predict_batch(lm: LoadedModel, image: torch.Tensor, sex: torch.Tensor) -> di
         bin4 = np.array([age_to_bin(float(a)) if np.isfinite(a) else -1 for a in age], dtype=np.int64)
         class2 = np.where(bin4 >= 0, (bin4 >= 2).astype(np.int64), -1)
     return {"pred_age": np.asarray(age, dtype=np.float64), "bin4_pred": bin4, "class2_pred": class2, "probs": probs}
-
-
-@dataclass
-class FilePrediction:
-    """Result for one input file: predictions, or the one-line error that stopped it."""
-
-    file: str
-    pred_age: float | None = None
-    bin4_pred: int | None = None
-    class2_pred: int | None = None
-    probs: list[float] = dataclasses.field(default_factory=list)
-    error: str | None = None
-
-
-def find_nifti(inputs: Sequence[str | Path]) -> tuple[list[Path], list[FilePrediction]]:
-    """Expand files and folders into NIfTI files (``*.nii``, ``*.nii.gz``; folders recursively, sorted).
-
-    Returns:
-        (files to process, error records for inputs that do not exist or hold no NIfTI).
-    """
-    files: list[Path] = []
-    errors: list[FilePrediction] = []
-    for raw in inputs:
-        p = Path(raw)
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.name.endswith((".nii", ".nii.gz")))
-            if not found:
-                errors.append(FilePrediction(str(p), error=f"{p}: folder holds no .nii or .nii.gz file"))
-            files += found
-        elif p.exists():
-            files.append(p)
-        else:
-            errors.append(FilePrediction(str(p), error=f"{p}: no such file or folder"))
-    return files, errors
-
-
-def predict_files(
-    lm: LoadedModel, paths: Sequence[str | Path], sex: Literal["M", "F", "unknown"] = "unknown"
-) -> list[FilePrediction]:
-    """Preprocess raw T1w NIfTI files as the run's shards were, then predict each.
-
-    A file that cannot be read or is not one 3D volume gets a one-line ``error`` naming it;
-    the other files are still processed.
-
-    Args:
-        lm: the loaded model.
-        paths: NIfTI files (any shape, voxel size, orientation; skull-stripped).
-        sex: ``"M"``, ``"F"``, or ``"unknown"`` (mean of the predictions for both sexes;
-            models that ignore sex give the same answer).
-
-    Returns:
-        One :class:`FilePrediction` per path, in order.
-    """
-    from brainage_hpc.ingest.preprocess import PreprocessConfig, preprocess_volume
-
-    if sex not in SEX_CHOICES:
-        raise ValueError(f"sex={sex!r} is not valid. Valid: {', '.join(SEX_CHOICES)}")
-    if not lm.preprocess:
-        raise ValueError(f"{lm.source}: the run recorded no preprocessing config; cannot prepare raw NIfTI files")
-    pcfg = PreprocessConfig.from_dict(lm.preprocess)
-    if tuple(pcfg.shape) != tuple(lm.shape):
-        raise ValueError(f"{lm.source}: preprocessing shape {pcfg.shape} differs from the model's {lm.shape}")
-    sexes = [1.0, 0.0] if sex == "unknown" else [1.0 if sex == "M" else 0.0]
-    results: list[FilePrediction] = []
-    for path in paths:
-        try:
-            vol = preprocess_volume(path, pcfg)  # (D, H, W) float16
-        except (OSError, ValueError) as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            results.append(FilePrediction(str(path), error=msg if str(path) in msg else f"{path}: {msg}"))
-            continue
-        image = torch.from_numpy(vol.astype(np.float32))[None, None].expand(len(sexes), 1, *vol.shape)
-        out = predict_batch(lm, image, torch.tensor(sexes))
-        probs = out["probs"].mean(0)
-        age = float(out["pred_age"].mean())
-        if not np.isfinite(age):
-            results.append(FilePrediction(str(path), error=f"{path}: the model gave a non-finite prediction"))
-            continue
-        if lm.n_classes == 4:
-            bin4, class2 = int(probs.argmax()), int(probs[2:].sum() >= 0.5)
-        elif lm.n_classes == 2:
-            bin4, class2 = None, int(probs.argmax())
-        else:
-            from brainage_hpc.data.ages import age_to_bin
-
-            bin4 = age_to_bin(age)
-            class2 = int(bin4 >= 2)
-        results.append(FilePrediction(str(path), age, bin4, class2, [float(p) for p in probs]))
-    return results

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from brainage_hpc import __version__
-from brainage_hpc.data.shards import FORMAT_VERSION, LIBVER, sha256_file, shard_name
+from brainage_hpc.data.checksum import fletcher32, fletcher32_equal, stored_fletcher32
+from brainage_hpc.data.shards import CHECKSUMS_NAME, FORMAT_VERSION, LIBVER, sha256_file, shard_name
 
 __all__ = ["atomic_write_text", "read_partial", "write_failures", "write_json", "write_partial", "write_shard"]
 
@@ -57,6 +58,12 @@ def write_shard(
 ) -> str:
     """Write one shard atomically (``path + '.tmp'``, fsync, rename) and return its sha256.
 
+    ``image`` gets HDF5's fletcher32 filter (one checksum per volume chunk, checked
+    by HDF5 on every filtered read and by :class:`~brainage_hpc.data.shards.ShardReader`
+    on its direct reads), and ``image_fletcher32`` records those checksums as
+    written, so a volume rewritten later through h5py (which recomputes the chunk
+    checksum) is refused too.
+
     Args:
         path: final ``shard-XXXXX.h5`` path.
         images: (N, 1, D, H, W) float16.
@@ -82,7 +89,7 @@ def write_shard(
     shape = tuple(int(s) for s in images.shape[2:])
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    kw: dict[str, Any] = {"track_times": False}
+    kw: dict[str, Any] = {"track_times": False, "fletcher32": True}
     if compression == "gzip":
         kw.update(compression="gzip", compression_opts=4, shuffle=True)
     elif compression == "lzf":
@@ -95,6 +102,8 @@ def write_shard(
             f.create_dataset("image", shape=images.shape, dtype=np.float16, track_times=False)
         for i in range(n):  # one chunk per volume, written in order
             f["image"][i] = images[i]
+        f.flush()
+        f.create_dataset(CHECKSUMS_NAME, data=_chunk_checksums(f["image"], n), dtype=np.uint32, track_times=False)
         f.create_dataset(
             "subject_id",
             data=np.array([str(s["id"]) for s in subjects], dtype=object),
@@ -125,6 +134,18 @@ def write_shard(
     digest = sha256_file(tmp)
     os.replace(tmp, path)
     return digest
+
+
+def _chunk_checksums(image: Any, n: int) -> np.ndarray:
+    """(n,) uint32: the fletcher32 HDF5 stored with each chunk, checked against a recomputation."""
+    sums = np.zeros(n, dtype=np.uint32)
+    for i in range(n):
+        mask, raw = image.id.read_direct_chunk((i, 0, 0, 0, 0))
+        stored = stored_fletcher32(raw)
+        if mask == 0 and not fletcher32_equal(fletcher32(raw[:-4]), stored):  # never seen: HDF5 and numpy disagree
+            raise RuntimeError(f"fletcher32 of chunk {i} does not match HDF5's ({stored:08x})")
+        sums[i] = stored
+    return sums
 
 
 def _partial_path(root: Path, index: int) -> Path:

@@ -4,47 +4,83 @@ Why: tests, CI and the demo need T1w volumes with a *known* age effect and no
 download. Each subject is the MNI152 2009 GM/WM/CSF model with
 
 * age-dependent atrophy: cortical GM thins (lost GM becomes CSF, faster in the
-  frontal lobes) and the lateral ventricles dilate,
+  frontal lobes) and the lateral ventricles dilate, at a subject-specific rate,
 * a sex effect on head size, a random smooth deformation, a multiplicative bias
   field and Gaussian noise,
 
 written exactly as an HCP S1200 download looks (``<id>/T1w/...nii.gz`` plus the
-unrestricted and restricted CSVs) plus a FreeSurfer-like regional table.
-The same seed gives byte-identical files.
+unrestricted and restricted CSVs) plus a FreeSurfer-like regional table whose
+values are *measured from the written volume* (:mod:`brainage_hpc.ingest.synthetic_measure`:
+tissue segmentation, affinely registered atlas labels, measurement noise), and the
+generator's own voxelwise age-effect map (``truth/age_effect.nii.gz``, the truth that
+explanation maps are scored against). The same seed gives byte-identical files.
 
-The effect sizes are exaggerated compared with biology (about 1 %/year of
-cortical GM instead of 0.3 %) so a small model learns age in minutes on a CPU.
+Two difficulty presets (:data:`PRESETS`, ``SynthConfig.preset(name)``):
+
+* ``default``: exaggerated atrophy (about 1 %/year of frontal GM instead of 0.3 %),
+  one scanner, little anatomical variation, so a small model learns age in minutes
+  on a CPU (the age signal is nearly one variable: test MAE ~1.2 y vs ~4 y for the mean);
+* ``realistic``: smaller slopes, a wide spread of atrophy rates, per-subject baseline
+  GM and ventricle size, larger deformations and head-size spread, and several
+  "scanners" (sites) with their own contrast, noise, bias field and blur. The age
+  information left in the anatomy puts the best achievable MAE near 2.3-2.5 y
+  (:func:`age_information_floor`) against ~3.6 y for the mean.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from brainage_hpc.data.ages import age_bin_label, age_to_bin
 from brainage_hpc.ingest.hcp import T1W_RELPATH
+from brainage_hpc.ingest.synthetic_anatomy import (
+    _AGE_HI,
+    _AGE_LO,
+    _LOBE_ATROPHY,
+    REGIONS,
+    _age_effect,
+    _Atlas,
+    _build_atlas,
+    _draw_anatomy,
+    _reference_volume,
+    _subject_volume,
+    age_information_floor,
+    load_tissue_maps,
+)
 
-__all__ = ["SynthConfig", "SubjectTruth", "REGIONS", "AGE_DEPENDENT_FEATURES", "make_cohort", "load_tissue_maps"]
+__all__ = [
+    "AGE_DEPENDENT_FEATURES",
+    "AGE_EFFECT_FILE",
+    "PRESETS",
+    "REFERENCE_BRAIN_FILE",
+    "REGIONS",
+    "SubjectTruth",
+    "SynthConfig",
+    "age_information_floor",
+    "load_tissue_maps",
+    "make_cohort",
+]
 
-_LOBES = ("frontal", "precentral", "parietal", "occipital")
-_LOBE_ATROPHY = {"frontal": 1.0, "precentral": 0.6, "parietal": 0.3, "occipital": 0.0}
-REGIONS: tuple[str, ...] = tuple(f"{h}_{lobe}_{z}" for h in ("lh", "rh") for lobe in _LOBES for z in ("sup", "inf"))
 # Features of freesurfer.csv whose value the generator ties to age.
 AGE_DEPENDENT_FEATURES: tuple[str, ...] = ("LatVent_Vol",) + tuple(
     f"{r}_{kind}" for r in REGIONS if _LOBE_ATROPHY[r.split("_")[1]] >= 0.6 for kind in ("GrayVol", "ThickAvg")
 )
+AGE_EFFECT_FILE = "truth/age_effect.nii.gz"  # beside the subjects; not a subject folder (no T1w/)
+REFERENCE_BRAIN_FILE = "truth/reference_brain.nii.gz"
 
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Options of the synthetic cohort.
+    """Options of the synthetic cohort (defaults = the ``default`` preset).
 
     Args:
         n_subjects: number of subject folders.
@@ -57,6 +93,16 @@ class SynthConfig:
         bias_std: std of the log bias field.
         noise_std: Gaussian noise std relative to WM intensity.
         sibling_prob: probability that a subject joins the previous family.
+        n_noise_features: table columns that are pure noise (``Misc_XX_Vol``).
+        atrophy_rate_sd: spread of the subject's atrophy rate (1 = the cohort's slope).
+        atrophy_rate_clip: (low, high) bounds of the atrophy rate.
+        head_sd: spread of head size (scale factor) within a sex.
+        gm_anatomy_sd: per-subject, per-lobe baseline GM deviation (fraction of GM).
+        ventricle_sd_mm: per-subject baseline ventricle size deviation (mm of wall position).
+        n_sites: scanners; each subject is scanned on one, drawn at random.
+        site_strength: 0 = identical scanners; 1 = realistic spread of contrast
+            (CSF/GM intensity), noise, bias field and blur between sites.
+        preset_name: name of the preset these values came from (provenance only).
     """
 
     n_subjects: int = 40
@@ -70,6 +116,61 @@ class SynthConfig:
     noise_std: float = 0.03
     sibling_prob: float = 0.3
     n_noise_features: int = 16
+    atrophy_rate_sd: float = 0.12
+    atrophy_rate_clip: tuple[float, float] = (0.6, 1.4)
+    head_sd: float = 0.015
+    gm_anatomy_sd: float = 0.0
+    ventricle_sd_mm: float = 0.0
+    n_sites: int = 1
+    site_strength: float = 0.0
+    preset_name: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.n_subjects < 1:
+            raise ValueError(f"SynthConfig.n_subjects must be >= 1, got {self.n_subjects}")
+        if not (math.isfinite(self.voxel_mm) and self.voxel_mm > 0):
+            raise ValueError(f"SynthConfig.voxel_mm must be > 0, got {self.voxel_mm}")
+        if self.n_sites < 1:
+            raise ValueError(f"SynthConfig.n_sites must be >= 1, got {self.n_sites}")
+        for name in ("gm_loss_per_year", "ventricle_mm_per_year", "deform_mm", "bias_std", "noise_std",
+                     "atrophy_rate_sd", "head_sd", "gm_anatomy_sd", "ventricle_sd_mm", "site_strength"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"SynthConfig.{name} must be a finite value >= 0, got {value}")
+        lo, hi = self.atrophy_rate_clip
+        if not 0 <= lo <= 1 <= hi:
+            raise ValueError(f"SynthConfig.atrophy_rate_clip must satisfy 0 <= low <= 1 <= high, got {self.atrophy_rate_clip}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> SynthConfig:
+        """The named preset (:data:`PRESETS`) with ``overrides`` (e.g. ``n_subjects``, ``seed``).
+
+        Raises:
+            ValueError: unknown preset name (the valid ones are listed).
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown synthetic preset '{name}'. Valid: {', '.join(PRESETS)}")
+        return replace(cls(), preset_name=name, **{**PRESETS[name], **overrides})
+
+
+# Differences from the defaults, per preset. ``realistic``: slopes about 2/3 of the default's,
+# a 4x wider spread of atrophy rates, baseline anatomy that varies as much as ~3 years of
+# atrophy, and 3 scanners. The age information floor is ~2.4 y MAE (see age_information_floor).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "realistic": {
+        "gm_loss_per_year": 0.008,
+        "ventricle_mm_per_year": 0.25,
+        "deform_mm": 3.0,
+        "atrophy_rate_sd": 0.45,
+        "atrophy_rate_clip": (0.2, 1.8),
+        "head_sd": 0.04,
+        "gm_anatomy_sd": 0.025,
+        "ventricle_sd_mm": 0.8,
+        "n_sites": 3,
+        "site_strength": 1.0,
+    },
+}
 
 
 @dataclass
@@ -83,143 +184,8 @@ class SubjectTruth:
     family_id: str
     head_scale: float
     atrophy_rate: float
+    site: str = "site0"
     features: dict[str, float] = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- tissue model
-
-
-def load_tissue_maps(voxel_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """GM, WM, CSF probabilities, brain mask and affine of MNI152 2009 at ``voxel_mm``.
-
-    Uses nilearn's bundled templates (no download): resolution 1 or 2 directly,
-    any other voxel size by linear resampling of the 1 mm maps.
-    """
-    from nilearn import datasets
-
-    native = 2 if abs(voxel_mm - 2.0) < 1e-6 else 1
-    gm_img = datasets.load_mni152_gm_template(resolution=native)
-    wm_img = datasets.load_mni152_wm_template(resolution=native)
-    mask_img = datasets.load_mni152_brain_mask(resolution=native)
-    gm = np.asarray(gm_img.get_fdata(), dtype=np.float32)
-    wm = np.asarray(wm_img.get_fdata(), dtype=np.float32)
-    mask = np.asarray(mask_img.get_fdata(), dtype=np.float32)
-    affine = np.array(gm_img.affine, dtype=np.float64)
-    if native != voxel_mm:
-        zoom = native / voxel_mm
-        gm, wm, mask = (ndimage.zoom(a, zoom, order=1) for a in (gm, wm, mask))
-        affine = affine.copy()
-        affine[:3, :3] = np.diag([voxel_mm] * 3)
-    mask = (mask > 0.5) | (gm + wm > 0.3)
-    gm = np.clip(gm, 0, 1) * mask
-    wm = np.clip(wm, 0, 1) * mask
-    total = gm + wm
-    over = total > 1
-    gm[over] /= total[over]
-    wm[over] /= total[over]
-    csf = np.clip(1.0 - gm - wm, 0, 1) * mask
-    return gm, wm, csf, mask.astype(bool), affine
-
-
-@dataclass
-class _Atlas:
-    gm: np.ndarray
-    wm: np.ndarray
-    csf: np.ndarray
-    mask: np.ndarray
-    affine: np.ndarray
-    regions: np.ndarray  # int labels 0..len(REGIONS)-1 on cortical GM, -1 elsewhere
-    vent_dist_mm: np.ndarray  # distance (mm) to the lateral ventricles
-    vent_mask: np.ndarray
-    lobe_rate: np.ndarray  # per-voxel atrophy weight of its lobe
-
-
-def _build_atlas(cfg: SynthConfig) -> _Atlas:
-    gm, wm, csf, mask, affine = load_tissue_maps(cfg.voxel_mm)
-    ijk = np.indices(gm.shape).reshape(3, -1)
-    xyz = (affine[:3, :3] @ ijk + affine[:3, 3:4]).reshape(3, *gm.shape)  # mm, RAS
-    # lateral ventricles: CSF-rich voxels deep inside the brain, near the midline.
-    depth = ndimage.distance_transform_edt(mask) * cfg.voxel_mm
-    vent = (csf > 0.6) & (depth > 18) & (np.abs(xyz[0]) < 25) & (np.abs(xyz[1] + 10) < 40) & (xyz[2] > -5)
-    vent = ndimage.binary_opening(vent, iterations=1) if vent.sum() > 50 else vent
-    if vent.sum() == 0:  # defensive: very coarse grids
-        centre = tuple(int(c) for c in ndimage.center_of_mass(mask))
-        vent = np.zeros_like(mask)
-        vent[centre] = True
-    vent_dist = ndimage.distance_transform_edt(~vent) * cfg.voxel_mm
-    # pseudo-parcellation: hemisphere x AP quartile x superior/inferior
-    ys = xyz[1][mask]
-    q = np.quantile(ys, [0.25, 0.5, 0.75])
-    lobe_idx = 3 - np.digitize(xyz[1], q)  # anterior (large y) -> 0 = frontal
-    zmid = np.median(xyz[2][mask])
-    sup = (xyz[2] < zmid).astype(int)  # 0: sup, 1: inf
-    hemi = (xyz[0] >= 0).astype(int)  # 0: lh (x<0), 1: rh
-    regions = hemi * 8 + lobe_idx * 2 + sup
-    regions = np.where(gm > 0.05, regions, -1)
-    lobe_rate = np.vectorize(lambda i: _LOBE_ATROPHY[_LOBES[i]])(lobe_idx).astype(np.float32)
-    return _Atlas(gm, wm, csf, mask, affine, regions.astype(np.int16), vent_dist.astype(np.float32), vent, lobe_rate)
-
-
-# ----------------------------------------------------------------------------- one subject
-
-
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], n_ctrl: int = 5) -> np.ndarray:
-    ctrl = rng.standard_normal((n_ctrl,) * 3).astype(np.float32)
-    zoom = [s / n_ctrl for s in shape]
-    out = ndimage.zoom(ctrl, zoom, order=3, mode="nearest")
-    return out[: shape[0], : shape[1], : shape[2]]
-
-
-def _subject_volume(
-    atlas: _Atlas, cfg: SynthConfig, rng: np.random.Generator, age: float, sex: str, head_scale: float, rate: float
-) -> tuple[np.ndarray, dict[str, float]]:
-    years = max(age - 22.0, 0.0) * rate
-    # 1) atrophy: ventricles dilate, cortical GM thins (lost GM becomes CSF)
-    grow = cfg.ventricle_mm_per_year * years
-    vent = atlas.vent_dist_mm <= grow
-    loss = np.clip(cfg.gm_loss_per_year * years * atlas.lobe_rate, 0, 0.9)
-    gm = atlas.gm * (1 - loss)
-    wm = atlas.wm.copy()
-    gm[vent] = 0
-    wm[vent] = 0
-    csf = np.clip(1 - gm - wm, 0, 1) * atlas.mask
-    # FreeSurfer-like measures from the subject's own tissue maps (mm^3, mm)
-    vox = cfg.voxel_mm**3 * head_scale**3
-    feats: dict[str, float] = {}
-    feats["IntraCranial_Vol"] = float(atlas.mask.sum() * vox)
-    feats["LatVent_Vol"] = float((atlas.vent_mask | vent).sum() * vox)
-    feats["TotalGray_Vol"] = float(gm.sum() * vox)
-    feats["CerebralWhiteMatter_Vol"] = float(wm.sum() * vox)
-    for r_idx, name in enumerate(REGIONS):
-        sel = atlas.regions == r_idx
-        g = float(gm[sel].sum() * vox)
-        w = float(atlas.wm[sel].sum() * vox)
-        lobe = name.split("_")[1]
-        thick = 2.7 * head_scale * (1 - cfg.gm_loss_per_year * years * _LOBE_ATROPHY[lobe])
-        feats[f"{name}_GrayVol"] = g * (1 + 0.02 * rng.standard_normal())
-        feats[f"{name}_ThickAvg"] = thick * (1 + 0.02 * rng.standard_normal())
-        feats[f"{name}_WhiteVol"] = w * (1 + 0.03 * rng.standard_normal())
-    for k in range(cfg.n_noise_features):
-        feats[f"Misc_{k:02d}_Vol"] = float(1000 * (1 + 0.2 * rng.standard_normal()))
-    # 2) T1w contrast: CSF dark, GM grey, WM bright
-    img = (0.18 * csf + 0.55 * gm + 0.9 * wm).astype(np.float32)
-    img *= atlas.mask
-    # 3) head size and a smooth deformation, applied by one resampling
-    shape = img.shape
-    centre = (np.array(shape) - 1) / 2.0
-    grid = np.indices(shape, dtype=np.float32)
-    amp = cfg.deform_mm / cfg.voxel_mm
-    coords = np.empty_like(grid)
-    for ax in range(3):
-        disp = _smooth_field(rng, shape) * amp
-        coords[ax] = centre[ax] + (grid[ax] - centre[ax]) / head_scale + disp
-    img = ndimage.map_coordinates(img, coords, order=1, mode="constant", cval=0.0)
-    mask = ndimage.map_coordinates(atlas.mask.astype(np.float32), coords, order=1, cval=0.0) > 0.5
-    # 4) bias field and noise, skull-stripped like HCP's *_brain file
-    bias = np.exp(cfg.bias_std * _smooth_field(rng, shape, n_ctrl=4))
-    img = img * bias + cfg.noise_std * rng.standard_normal(shape).astype(np.float32)
-    img = np.clip(img, 0, None) * mask
-    return img.astype(np.float32), feats
 
 
 def _crop_or_pad(vol: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -242,6 +208,10 @@ def _crop_or_pad(vol: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int
     return out, new_aff
 
 
+def _to_output_grid(cfg: SynthConfig, vol: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return _crop_or_pad(vol, affine, tuple(cfg.shape)) if cfg.shape is not None else (vol, affine)
+
+
 # ----------------------------------------------------------------------------- cohort
 
 
@@ -250,6 +220,19 @@ def _atomic_write_text(path: Path, text: str) -> None:
     with os.fdopen(fd, "w", newline="") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+def _save_nifti(data: np.ndarray, affine: np.ndarray, target: Path) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(".tmp-" + target.name)
+    nib.save(img, tmp)
+    os.replace(tmp, target)
 
 
 def _csv_text(header: list[str], rows: list[list[object]]) -> str:
@@ -268,6 +251,7 @@ def _draw_demographics(cfg: SynthConfig) -> list[tuple[str, int, float, str, str
     family = 0
     fam_size = 0
     fam_scale = 1.0
+    lo, hi = cfg.atrophy_rate_clip
     for i in range(cfg.n_subjects):
         if i == 0 or fam_size >= 3 or rng.random() >= cfg.sibling_prob:
             family += 1
@@ -277,43 +261,56 @@ def _draw_demographics(cfg: SynthConfig) -> list[tuple[str, int, float, str, str
         years = int(rng.integers(36, 38)) if rng.random() < 0.02 else int(rng.integers(22, 36))
         age = years + float(rng.random())  # biological age within the year
         sex = "M" if rng.random() < 0.45 else "F"
-        head = fam_scale * (1.04 if sex == "M" else 0.97) * float(rng.normal(1.0, 0.015))
-        rate = float(np.clip(rng.normal(1.0, 0.12), 0.6, 1.4))
+        head = fam_scale * (1.04 if sex == "M" else 0.97) * float(rng.normal(1.0, cfg.head_sd))
+        rate = float(np.clip(rng.normal(1.0, cfg.atrophy_rate_sd), lo, hi))
         subject = str(100000 + 1013 * i + 206)
         out.append((subject, years, age, sex, f"F{family:05d}", head, rate))
     return out
 
 
-_WORKER: dict[str, object] = {}
+_WORKER: dict[str, Any] = {}
 
 
 def _init_worker(cfg: SynthConfig) -> None:
-    _WORKER["cfg"] = cfg
-    _WORKER["atlas"] = _build_atlas(cfg)
+    from brainage_hpc.ingest.synthetic_measure import AtlasPriors
+
+    atlas = _build_atlas(cfg)
+    max_years = (_AGE_HI - _AGE_LO) * cfg.atrophy_rate_clip[1]
+    roi_mm = cfg.ventricle_mm_per_year * max_years + 4 * cfg.ventricle_sd_mm + 2 * cfg.voxel_mm
+    labelled = atlas.regions >= 0
+    counts = np.bincount(atlas.regions[labelled], minlength=len(REGIONS))
+    gm_sums = np.bincount(atlas.regions[labelled], weights=atlas.gm[labelled], minlength=len(REGIONS))
+    crop_mask, _ = _to_output_grid(cfg, atlas.mask, atlas.affine)
+    priors = AtlasPriors(atlas.regions, atlas.wm, atlas.vent_mask, atlas.vent_dist_mm <= roi_mm, int(crop_mask.sum()),
+                         gm_sums / np.maximum(counts, 1))
+    _WORKER.update(cfg=cfg, atlas=atlas, priors=priors)
 
 
 def _write_subject(job: tuple[int, str, int, float, str, str, float, float, str]) -> SubjectTruth:
-    import nibabel as nib
+    from brainage_hpc.ingest.synthetic_measure import measure_table
 
     i, subject, years, age, sex, fam, head, rate, out = job
-    cfg: SynthConfig = _WORKER["cfg"]  # type: ignore[assignment]
-    atlas: _Atlas = _WORKER["atlas"]  # type: ignore[assignment]
+    cfg: SynthConfig = _WORKER["cfg"]
+    atlas: _Atlas = _WORKER["atlas"]
     rng = np.random.default_rng([cfg.seed, i])
-    vol, feats = _subject_volume(atlas, cfg, rng, age, sex, head, rate)
-    affine = atlas.affine
-    if cfg.shape is not None:
-        vol, affine = _crop_or_pad(vol, affine, tuple(cfg.shape))
+    anatomy = _draw_anatomy(cfg, i)
+    vol, draws = _subject_volume(atlas, cfg, rng, age, sex, head, rate, anatomy)
+    vol, affine = _to_output_grid(cfg, vol, atlas.affine)
     data = np.round(vol * 1000.0).astype(np.int16)
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm", "sec")
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    target = Path(out) / subject / T1W_RELPATH
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(".tmp-" + target.name)
-    nib.save(img, tmp)
-    os.replace(tmp, target)
-    return SubjectTruth(subject, round(age, 4), years, sex, fam, round(head, 5), round(rate, 5), feats)
+    _save_nifti(data, affine, Path(out) / subject / T1W_RELPATH)
+    feats = measure_table(data, cfg.voxel_mm, REGIONS, _WORKER["priors"], lambda a: _to_output_grid(cfg, a, atlas.affine)[0],
+                          draws, np.random.default_rng([cfg.seed, i, 2]))
+    return SubjectTruth(subject, round(age, 4), years, sex, fam, round(head, 5), round(rate, 5),
+                        f"site{anatomy.site}", feats)
+
+
+def _write_truth_maps(out: Path, cfg: SynthConfig) -> None:
+    """``age_effect.nii.gz`` (float32, x1000 intensity units per year) and the mean-age reference brain."""
+    atlas: _Atlas = _WORKER["atlas"]
+    effect, affine = _to_output_grid(cfg, _age_effect(atlas, cfg), atlas.affine)
+    _save_nifti(effect.astype(np.float32), affine, out / AGE_EFFECT_FILE)
+    ref, _ = _to_output_grid(cfg, _reference_volume(atlas, cfg, (_AGE_LO + _AGE_HI) / 2), atlas.affine)
+    _save_nifti(np.round(ref * 1000.0).astype(np.int16), affine, out / REFERENCE_BRAIN_FILE)
 
 
 def make_cohort(out_dir: str | Path, cfg: SynthConfig, progress: bool = True, workers: int = 1) -> list[SubjectTruth]:
@@ -322,9 +319,12 @@ def make_cohort(out_dir: str | Path, cfg: SynthConfig, progress: bool = True, wo
     Writes ``<id>/T1w/T1w_acpc_dc_restore_brain.nii.gz`` (int16, RAS affine),
     ``unrestricted.csv`` (Subject, Gender, Age bin), ``restricted.csv``
     (Subject, Age_in_Yrs, Family_ID), ``freesurfer.csv`` (Subject + regional
-    measures) and ``truth.json``. Every file is written to a temp name then
-    renamed, so an interrupted run leaves no half-written volume. Output does
-    not depend on ``workers``.
+    measures, measured from the written volumes), ``truth/age_effect.nii.gz`` (the
+    generator's voxelwise age effect on the same grid), ``truth/reference_brain.nii.gz``
+    (noise-free mean-age brain on the same grid) and ``truth.json`` (config, preset,
+    per-subject age, rate, head scale and site, the age information floor). Every
+    file is written to a temp name then renamed, so an interrupted run leaves no
+    half-written volume. Output does not depend on ``workers``.
     """
     from concurrent.futures import ProcessPoolExecutor
 
@@ -335,8 +335,8 @@ def make_cohort(out_dir: str | Path, cfg: SynthConfig, progress: bool = True, wo
     jobs = [(i, *d, str(out)) for i, d in enumerate(_draw_demographics(cfg))]
     bar = tqdm(total=len(jobs), desc="synth", unit="subj", disable=not progress)
     truths: list[SubjectTruth] = []
+    _init_worker(cfg)
     if workers <= 1:
-        _init_worker(cfg)
         for job in jobs:
             truths.append(_write_subject(job))
             bar.update()
@@ -346,6 +346,7 @@ def make_cohort(out_dir: str | Path, cfg: SynthConfig, progress: bool = True, wo
                 truths.append(truth)
                 bar.update()
     bar.close()
+    _write_truth_maps(out, cfg)
     _atomic_write_text(
         out / "unrestricted.csv",
         _csv_text(["Subject", "Gender", "Age"], [[t.subject, t.sex, age_bin_label(age_to_bin(t.age_years))] for t in truths]),
@@ -361,7 +362,12 @@ def make_cohort(out_dir: str | Path, cfg: SynthConfig, progress: bool = True, wo
     )
     meta = {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "preset": cfg.preset_name,
         "age_dependent_features": list(AGE_DEPENDENT_FEATURES),
+        "age_information_floor_mae": round(age_information_floor(cfg), 3),
+        "age_effect": {"file": AGE_EFFECT_FILE, "units": "T1w intensity (x1000 file units) per year, signed",
+                       "reference": REFERENCE_BRAIN_FILE, "ages": [_AGE_LO, _AGE_HI]},
+        "table": "measured from the written volumes (ingest/synthetic_measure.py)",
         "subjects": [{k: v for k, v in asdict(t).items() if k != "features"} for t in truths],
     }
     _atomic_write_text(out / "truth.json", json.dumps(meta, indent=1, sort_keys=True))

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from brainage_hpc.config import ConfigError
+from brainage_hpc.config import ConfigError, check_params
 from brainage_hpc.models._common import Task, count_params
 from brainage_hpc.models.cnn3d import CNN3d
 from brainage_hpc.models.cvae import ConditionalVAE3d
@@ -136,6 +136,7 @@ def build_model(cfg: ModelConfigLike, in_shape: Sequence[int]) -> nn.Module:
                 f"Unknown parameter '{key}' for model '{cfg.name}'.{_did_you_mean(key, list(valid))} "
                 f"Valid params: {listing}."
             )
+    check_params(params, cls.__init__, "model.params")  # types and ranges from the constructor's annotations
     try:
         model = cls(in_shape=tuple(int(s) for s in in_shape), task=task, num_classes=num_classes, **params)
     except (ValueError, TypeError) as exc:  # bad geometry or a param of the wrong type: a config problem

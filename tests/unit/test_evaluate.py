@@ -11,7 +11,8 @@ import pytest
 
 from brainage_hpc.cli import main
 from brainage_hpc.evaluation.evaluate import compute_metrics
-from brainage_hpc.evaluation.predict import class_centres, find_nifti
+from brainage_hpc.evaluation.predict import class_centres
+from brainage_hpc.evaluation.scans import collect_scans, failure_message
 from brainage_hpc.report import SEED_REFERENCE, atomic_path, reference_table, write_report
 
 
@@ -81,16 +82,18 @@ def test_flat_predictions_skip_the_correction_with_the_reason():
     assert corrected is None and "do not follow age" in m["bias_correction"]["skipped"]
 
 
-def test_class_centres_and_find_nifti(tmp_path):
+def test_class_centres_and_collect_scans(tmp_path):
     assert class_centres(4).tolist() == [23.5, 28.0, 33.0, 36.5]
     assert class_centres(2).tolist() == [26.0, 34.0]
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/x.nii.gz", "a/b/y.nii", "a/notes.txt"):
         (tmp_path / name).write_text("x")
     (tmp_path / "empty").mkdir()
-    files, errors = find_nifti([tmp_path / "a", tmp_path / "missing.nii.gz", tmp_path / "empty"])
-    assert [f.name for f in files] == ["y.nii", "x.nii.gz"]
-    assert [e.error.split(": ", 1)[1] for e in errors] == ["no such file or folder", "folder holds no .nii or .nii.gz file"]
+    scans, failures = collect_scans([tmp_path / "a", tmp_path / "missing.nii.gz", tmp_path / "empty", tmp_path / "a/x.nii.gz"])
+    assert [s.subject for s in scans] == ["x", "y"]  # sorted by scan ID; the repeated file once
+    messages = [failure_message(f) for f in failures]
+    assert messages == [f"cohort {tmp_path}/missing.nii.gz: no such file or folder",
+                        f"{tmp_path}/empty: folder holds no .nii or .nii.gz file"]
 
 
 def test_report_links_every_figure_and_shows_the_seed_table(tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from brainage_hpc.cli import main
+from brainage_hpc.data.shard_checks import verify_shards
 from brainage_hpc.data.shards import (
     MANIFEST_NAME,
     ShardMismatchError,
@@ -19,7 +20,6 @@ from brainage_hpc.data.shards import (
     load_manifest,
     sha256_file,
     shard_name,
-    verify_shards,
 )
 from brainage_hpc.ingest.shard_writer import read_partial, write_failures, write_json, write_partial, write_shard
 
@@ -214,15 +214,21 @@ def test_verify_ok_then_names_the_flipped_shard(tmp_path: Path, capsys):
 
 def test_verify_finds_nan_and_missing_files(tmp_path: Path):
     root = _write(tmp_path / "s")
-    with h5py.File(root / shard_name(0), "r+") as f:
-        f["image"][1, 0, 0, 0, 0] = np.nan
+    images = _images(3, 0)
+    images[1, 0, 0, 0, 0] = np.nan  # a preprocessing bug: NaN written with a valid checksum
+    write_shard(root / shard_name(0), images, _subjects(0, 3), voxel_mm=4.0, affine=np.eye(4),
+                preprocess={"shape": list(SHAPE)}, preprocess_hash="abc")
     data = json.loads((root / MANIFEST_NAME).read_text())
-    data["shards"][0]["sha256"] = sha256_file(root / shard_name(0))  # checksum fine, content not
+    data["shards"][0]["sha256"] = sha256_file(root / shard_name(0))  # sha256 fine, content not
     write_json(root / MANIFEST_NAME, data)
     (root / shard_name(1)).unlink()
     problems = verify_shards(root)
     assert "shard-00000.h5: volume 1 (100001) has NaN/Inf voxels" in problems
     assert "shard-00001.h5: file missing" in problems
+    with h5py.File(root / shard_name(0), "r+") as f:  # rewritten through h5py: HDF5 recomputes the chunk checksum
+        f["image"][2] = images[2] + 1
+    problems = verify_shards(root)
+    assert any(p.startswith("shard-00000.h5: subject 100002 (volume 2): the volume was rewritten") for p in problems), problems
 
 
 def test_verify_missing_manifest_exits_2(tmp_path: Path, capsys):

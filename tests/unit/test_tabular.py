@@ -48,10 +48,10 @@ def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
 
 
 def write_fast_tables(out: Path, n_subjects: int, seed: int = 0) -> Path:
-    """The CSVs of ``make_cohort(out, SynthConfig(n_subjects, seed))`` without the volumes.
+    """The CSVs of a synthetic cohort without the volumes: a fast stand-in for the tabular tests.
 
-    Mirrors the feature block of ``synthetic._subject_volume`` (which draws its random
-    numbers before any image work, so the values are identical).
+    The values are the generator's noise-free quantities (what ``freesurfer.csv`` held before
+    it was measured from the written volumes), so the age-dependent features are known exactly.
     """
     cfg = syn.SynthConfig(n_subjects=n_subjects, seed=seed)
     if cfg.voxel_mm not in _ATLAS:

@@ -1,0 +1,181 @@
+"""Issue 14, shard cases: damaged shards are one-line errors naming shard and subject, never trained on.
+
+T1  corrupt header / truncated shard / manifest shape edited -> one line naming the shard, exit 1.
+S3  random finite values over a train subject's volume -> `train` stops with a line naming shard and subject.
+Item 4: the per-volume checksum is verified on every read (direct and HDF5-filter paths); old shards
+without it are read after exactly one warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from brainage_hpc.cli import main
+from brainage_hpc.data.dataset import BrainSampler, ShardDataset
+from brainage_hpc.data.shards import MANIFEST_NAME, ShardError, ShardReader, load_manifest, shard_name
+from brainage_hpc.ingest.shard_writer import write_json, write_shard
+from tests.conftest import train_overrides
+
+pytestmark = pytest.mark.slow
+SEED = 0
+
+
+@pytest.fixture()
+def shards(tiny_shards: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's 40-subject 32^3 shards (two or more shards of 16)."""
+    dst = tmp_path / "shards"
+    shutil.copytree(tiny_shards, dst)
+    return dst
+
+
+def _train(shards: Path, run_dir: Path, capsys: pytest.CaptureFixture, workers: int) -> tuple[int, str]:
+    extra = ["train.backend=single", "train.precision=32", "train.epochs=1", f"train.seed={SEED}",
+             "data.batch_size=4", f"data.num_workers={workers}"]
+    capsys.readouterr()
+    rc = main(["train", "--config", "cnn_demo", "--run-dir", str(run_dir), "--resume", "none",
+               *train_overrides(shards, "cnn3d", *extra)])
+    return rc, capsys.readouterr().err
+
+
+def _error_line(err: str) -> str:
+    """The CLI's error: exactly one line starting with 'brainage train: error:', and no traceback."""
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("brainage train: error:")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def _first_train_subject(root: Path) -> tuple[str, int, int]:
+    """A train subject the first epoch certainly reads (first of the sampler's order), its shard and index."""
+    ds = ShardDataset(root, "train")
+    sampler = BrainSampler(len(ds), 1, 0, shuffle=True, seed=SEED, labels=ds.labels)
+    sid = ds.subject_ids[int(sampler.epoch_indices(0)[0])]
+    rec = load_manifest(root).subjects[sid]
+    return sid, int(rec["shard"]), int(rec["index"])
+
+
+def _chunk_span(path: Path, index: int) -> tuple[int, int]:
+    with h5py.File(path, "r") as f:
+        info = f["image"].id.get_chunk_info(index)
+    return int(info.byte_offset), int(info.size)
+
+
+def _random_finite(shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(7).uniform(-3, 3, size=shape).astype(np.float16)
+
+
+@pytest.mark.parametrize("damage", ["corrupt_header", "truncated", "manifest_shape"])
+def test_T1_broken_shard_is_one_line_naming_it(shards: Path, tmp_path: Path, capsys, damage: str) -> None:
+    m = load_manifest(shards)
+    sid, k, _ = _first_train_subject(shards)
+    path = shards / shard_name(k)
+    if damage == "corrupt_header":
+        raw = bytearray(path.read_bytes())
+        raw[:64] = bytes(range(64))
+        path.write_bytes(bytes(raw))
+        expect = "not a readable HDF5 file"
+    elif damage == "truncated":
+        with open(path, "r+b") as fh:
+            fh.truncate(path.stat().st_size // 2)
+        expect = "not a readable HDF5 file"
+    else:
+        data = json.loads((shards / MANIFEST_NAME).read_text())
+        data["shape"] = [48, 56, 48]
+        write_json(shards / MANIFEST_NAME, data)
+        expect = "volumes are 32x32x32 but manifest.json says 48x56x48"
+        path = shards / m.shards[0]["file"]  # every shard disagrees; the first one is named
+    rc, err = _train(shards, tmp_path / "run", capsys, workers=2)
+    line = _error_line(err)
+    assert rc == 1, err[-2000:]
+    assert path.name in line and expect in line, line
+    assert not list((tmp_path / "run").glob("ckpt-*")), "trained on a broken shard set"
+
+
+@pytest.mark.parametrize("how", ["h5py_rewrite", "bytes_on_disk"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_S3_train_refuses_a_damaged_train_volume(shards: Path, tmp_path: Path, capsys, how: str, workers: int) -> None:
+    sid, k, index = _first_train_subject(shards)
+    path = shards / shard_name(k)
+    if how == "h5py_rewrite":  # HDF5 recomputes the chunk's own checksum: caught by the one recorded at write time
+        with h5py.File(path, "r+") as f:
+            f["image"][index] = _random_finite(f["image"].shape[1:])
+        expect = "rewritten after preprocessing"
+    else:  # finite garbage straight into the chunk's bytes
+        offset, size = _chunk_span(path, index)
+        with open(path, "r+b") as fh:
+            fh.seek(offset + 64)
+            fh.write(_random_finite((size // 4,)).tobytes())
+        expect = "checksum mismatch"
+    rc, err = _train(shards, tmp_path / "run", capsys, workers=workers)
+    line = _error_line(err)
+    assert rc == 1, err[-2000:]
+    assert f"{path.name}: subject {sid} (volume {index})" in line and expect in line, line
+    assert not list((tmp_path / "run").glob("ckpt-*")), "a checkpoint was written after reading damaged data"
+
+
+@pytest.mark.parametrize("compression", ["none", "lzf"])
+def test_item4_checksum_checked_on_every_read(tmp_path: Path, compression: str) -> None:
+    """Direct chunk reads (uncompressed) and HDF5's filter path (compressed) both refuse a flipped byte."""
+    root = tmp_path / "s"
+    root.mkdir()
+    images = np.random.default_rng(1).standard_normal((3, 1, 8, 9, 7)).astype(np.float16)
+    subjects = [{"id": f"10000{i}", "age": 25.0, "age_bin": 1, "sex": i % 2} for i in range(3)]
+    sha = write_shard(root / shard_name(0), images, subjects, voxel_mm=4.0, affine=np.eye(4), preprocess={},
+                      preprocess_hash="h", compression=compression)
+    write_json(root / MANIFEST_NAME, {
+        "format_version": 1, "shape": [8, 9, 7], "voxel_mm": 4.0, "affine": np.eye(4).tolist(), "preprocess": {},
+        "preprocess_hash": "h", "shards": [{"file": shard_name(0), "sha256": sha, "n": 3}],
+        "subjects": {s["id"]: {"shard": 0, "index": i, "age": 25.0, "age_bin": 1, "sex": s["sex"]} for i, s in enumerate(subjects)},
+        "splits": {"train": [s["id"] for s in subjects]},
+    })
+    reader = ShardReader(root)
+    np.testing.assert_array_equal(reader.read("100001"), images[1])  # verified read of the intact volume
+    reader.close()
+    offset, size = _chunk_span(root / shard_name(0), 1)
+    with open(root / shard_name(0), "r+b") as fh:
+        fh.seek(offset + size // 3)
+        byte = fh.read(1)
+        fh.seek(offset + size // 3)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    reader = ShardReader(root)
+    with pytest.raises(ShardError, match=r"shard-00000.h5: subject 100001 \(volume 1\): checksum mismatch"):
+        reader.read("100001")
+    np.testing.assert_array_equal(reader.read("100002"), images[2])  # the neighbours are intact
+    ds = ShardDataset(root, "train")
+    with pytest.raises(ShardError, match="subject 100001"):
+        ds.read_batch([0, 1, 2])
+
+
+def _strip_checksums(src: Path, dst: Path) -> None:
+    """Rewrite a shard as the writer did before checksums: no fletcher32 filter, no image_fletcher32."""
+    with h5py.File(src, "r") as f, h5py.File(dst, "w") as g:
+        for name, value in f.attrs.items():
+            g.attrs[name] = value
+        img = f["image"]
+        g.create_dataset("image", data=img[()], chunks=img.chunks)
+        for name in ("subject_id", "age", "age_bin", "sex"):
+            f.copy(name, g)
+
+
+def test_item4_old_shards_are_read_after_one_warning(shards: Path, caplog: pytest.LogCaptureFixture) -> None:
+    m = load_manifest(shards)
+    for entry in m.shards:
+        path = shards / entry["file"]
+        _strip_checksums(path, path.with_suffix(".old"))
+        path.with_suffix(".old").replace(path)
+    with caplog.at_level(logging.WARNING, logger="brainage_hpc.data.shards"):
+        train = ShardDataset(shards, "train")
+        val = ShardDataset(shards, "val")
+        batch = train.read_batch([0, 1])
+        val.read_batch([0])
+    warnings = [r for r in caplog.records if "no per-volume checksum" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert batch["image"].shape == (2, 1, 32, 32, 32)
+    np.testing.assert_array_equal(batch["image"][1].numpy(), ShardReader(shards).read(train.subject_ids[1]))
