@@ -93,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--merge", action="store_true", help="only merge finished shards into manifest.json")
     parser.add_argument(
+        "--count-shards",
+        action="store_true",
+        help="print the number of shards the cohorts make (reads labels and file names only) and exit; "
+        "slurm/preprocess_array.sh sizes its array with it",
+    )
+    parser.add_argument(
         "--force", action="store_true", help="redo every selected shard (default: redo only missing, damaged or stale ones)"
     )
     parser.add_argument("--no-progress", action="store_true")
@@ -128,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
             pipeline=args.pipeline,
         )
         plan = _build_plan(args, cfg)
+        if args.count_shards:
+            print(math.ceil(len(plan["subjects"]) / plan["shard_size"]))
+            return 0
         out.mkdir(parents=True, exist_ok=True)
     except (HCPError, FileNotFoundError, ValueError, OSError) as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

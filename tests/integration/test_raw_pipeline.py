@@ -177,3 +177,33 @@ def test_preprocess_raw_cohort_with_a_bad_scan_and_qc_page(raw_bids, tmp_path: P
     page = (out / "qc" / "index.html").read_text()
     assert page.count("<figure") == 3 and "template" in page
     assert len(list((out / "qc").glob("*.png"))) == 3
+
+
+@pytest.mark.slurm
+def test_slurm_array_preprocesses_a_raw_bids_cohort(raw_bids, tmp_path, slurm_cluster, slurm_jobs):
+    """slurm/preprocess_array.sh with COHORTS (no HCP_ROOT): plan -> 2-task array (raw pipeline) -> merge + verify."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.integration.slurm_fixtures import wait_job_done
+
+    _, bids = raw_bids
+    out = tmp_path / "array"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
+    env.update(COHORTS=f"synthraw=bids:{bids}", OUT=str(out), SHARD_SIZE="2", CPUS="1", TIME="20",
+               BRAINAGE_HOME=str(REPO), VENV=str(Path(sys.executable).parents[1]),
+               PREPROCESS_ARGS="--pipeline raw --shape 40 48 40 --voxel-mm 4")
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "preprocess_array.sh")], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO, check=False)
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("submitted:"))
+    ids = [tok for tok in line.replace("(", " ").split() if tok.isdigit()]
+    slurm_jobs += [ids[0], ids[1], ids[-1]]
+    assert "(0-1, 2 subjects each)" in line
+    wait_job_done(ids[-1], timeout=1500)
+    logs = "\n".join(p.read_text() for p in sorted((out / "logs").glob("*.out")))
+    assert "verify: OK: 2 shards, 4 subjects" in logs, logs[-3000:]
+    m = load_manifest(out)
+    assert m.preprocess["pipeline"] == "raw" and {r["cohort"] for r in m.subjects.values()} == {"synthraw"}
+    assert all(r["qc"]["similarity"] >= 0.6 for r in m.subjects.values())
