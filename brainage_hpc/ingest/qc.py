@@ -84,8 +84,7 @@ def render_slices(volume: np.ndarray, path: Path, title: str, template: np.ndarr
     from matplotlib.colors import ListedColormap
 
     red, cyan = ListedColormap(["red"]), ListedColormap(["cyan"])
-    gray = plt.get_cmap("gray").copy()
-    gray.set_bad("black")  # background (exactly 0 after preprocessing) drawn black, not mid-grey
+    gray = plt.get_cmap("gray").with_extremes(bad="black")  # background (0 after preprocessing) black, not mid-grey
     vol = np.asarray(volume, dtype=np.float32)
     mask = vol != 0
     idx = np.argwhere(mask)
