@@ -69,7 +69,7 @@ def _edges(mask: np.ndarray) -> np.ndarray:
 
 
 def render_slices(volume: np.ndarray, path: Path, title: str, template: np.ndarray | None = None) -> None:
-    """Write a PNG: sagittal, coronal, axial mid-slices of a (D, H, W) RAS volume, mask contour, template edges.
+    """Write a PNG: sagittal, coronal, axial mid-slices of a (D, H, W) RAS volume, mask contour (red), template edges (cyan).
 
     Args:
         volume: (D, H, W) preprocessed volume, background 0.
@@ -81,7 +81,10 @@ def render_slices(volume: np.ndarray, path: Path, title: str, template: np.ndarr
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
 
+    red, cyan = ListedColormap(["red"]), ListedColormap(["cyan"])
+    gray = plt.get_cmap("gray").with_extremes(bad="black")  # background (0 after preprocessing) black, not mid-grey
     vol = np.asarray(volume, dtype=np.float32)
     mask = vol != 0
     idx = np.argwhere(mask)
@@ -94,16 +97,17 @@ def render_slices(volume: np.ndarray, path: Path, title: str, template: np.ndarr
     ]
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.2), dpi=80)
     for ax, (label, cut) in zip(axes, views, strict=True):
-        ax.imshow(cut(vol).T, origin="lower", cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        shown = np.ma.masked_where(~cut(mask).T, cut(vol).T)
+        ax.imshow(shown, origin="lower", cmap=gray, vmin=lo, vmax=hi, interpolation="nearest")
         edge = np.ma.masked_where(~_edges(cut(mask)).T, np.ones(cut(mask).T.shape))
-        ax.imshow(edge, origin="lower", cmap="autumn", alpha=1.0, interpolation="nearest")
+        ax.imshow(edge, origin="lower", cmap=red, interpolation="nearest")
         if template is not None:
             t = cut(template)
             gy, gx = np.gradient(t.astype(np.float32))
             mag = np.hypot(gx, gy)
             thr = np.percentile(mag[mag > 0], 90) if (mag > 0).any() else np.inf
             tedge = np.ma.masked_where((mag < thr).T, np.ones(t.T.shape))
-            ax.imshow(tedge, origin="lower", cmap="cool", alpha=0.6, interpolation="nearest")
+            ax.imshow(tedge, origin="lower", cmap=cyan, alpha=0.7, interpolation="nearest")
         ax.set_title(label, fontsize=8)
         ax.axis("off")
     fig.suptitle(title, fontsize=8)

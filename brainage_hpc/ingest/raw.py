@@ -26,8 +26,9 @@ template inside its brain mask; below :data:`SIMILARITY_MIN` the scan fails as
 "registration failed"), ``brain_volume_ml`` (native space), the mask extent (mm) and
 shape (:mod:`brainage_hpc.ingest.plausibility`; implausible masks fail), ``snr``
 (brain median / background noise std, when the background holds noise) and
-``contrast`` ((P90 - P10) / P50 of brain intensities), ``affine_scale`` (cube root of
-the determinant: native brain size relative to the template), and the step times.
+``contrast`` ((P90 - P10) / P50 of brain intensities) and ``affine_scale`` (cube root of
+the determinant: native brain size relative to the template). Step CPU times are in
+:attr:`RawResult.timings` (not in the manifest, whose bytes must not depend on load).
 """
 
 from __future__ import annotations
@@ -218,6 +219,8 @@ def raw_to_brain(data: np.ndarray, affine: np.ndarray, name: str, cfg: Any, use_
         use_deepbet = deepbet_available()
         if not use_deepbet:
             warnings.append("deepbet is not installed: brain mask = registered template mask")
+    elif not use_deepbet:
+        warnings.append("deepbet not used: brain mask = registered template mask")
     # 1. RAS
     canon = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine))
     native = np.asarray(canon.dataobj, dtype=np.float32)
@@ -272,8 +275,7 @@ def raw_to_brain(data: np.ndarray, affine: np.ndarray, name: str, cfg: Any, use_
         "affine_scale": round(abs(det) ** (1 / 3), 4),
         **{f"mask_{k}": v for k, v in stats.to_dict().items() if k != "volume_ml"},
         "contrast": contrast_index(warped[mask]),
-        **{k: round(v, 3) for k, v in timings.items()},
-    }
+    }  # no timings here: QC numbers go into shards, which must be identical on a rerun
     snr = _snr(native, native_mask if native_mask is not None else native > np.percentile(native, 75))
     if snr is not None:
         qc["snr"] = snr
