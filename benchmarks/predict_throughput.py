@@ -61,7 +61,7 @@ def _inputs(work: Path, n: int, unique: int, input_mm: float) -> list[Path]:
         print(f"predict_throughput: synthesising {unique} subjects at {input_mm:g} mm into {src} (once)", file=sys.stderr)
         shutil.rmtree(src, ignore_errors=True)
         make_cohort(src, SynthConfig(n_subjects=unique, seed=0, voxel_mm=input_mm), progress=False, workers=2)
-    subjects = sorted(src.rglob("*.nii.gz"))
+    subjects = sorted(src.glob("*/T1w/*.nii.gz"))  # not the truth maps beside them
     flat = work / f"scans_n{n}_u{unique}_{input_mm:g}mm"
     if not flat.is_dir() or len(list(flat.iterdir())) != n:
         shutil.rmtree(flat, ignore_errors=True)
@@ -79,7 +79,7 @@ def _model(work: Path, key: str, pipeline: str) -> Path:
     import torch
 
     from brainage_hpc.config import config_to_dict, load_config
-    from brainage_hpc.engine.checkpoint import atomic_torch_save
+    from brainage_hpc.engine.checkpoint import save_sealed
     from brainage_hpc.ingest.preprocess import PreprocessConfig
     from brainage_hpc.models.registry import build_model
 
@@ -90,7 +90,7 @@ def _model(work: Path, key: str, pipeline: str) -> Path:
     model = build_model(cfg.model, spec["shape"]).eval()
     pcfg = PreprocessConfig(shape=spec["shape"], voxel_mm=spec["voxel_mm"], pipeline=pipeline)  # type: ignore[arg-type]
     path = work / f"model_{key}_{pipeline}.pt"
-    atomic_torch_save({"format": "brainage-model", "state_dict": model.state_dict(), "config": config_to_dict(cfg),
+    save_sealed({"format": "brainage-model", "state_dict": model.state_dict(), "config": config_to_dict(cfg),
                        "shape": list(spec["shape"]), "preprocess": pcfg.to_dict(), "affine": None, "step": 0}, path)
     return path
 

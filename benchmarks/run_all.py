@@ -39,6 +39,8 @@ BENCHMARKS: dict[str, str] = {
     "amp": "fp32 vs bf16 autocast throughput on CPU",
     "exit_stress": "clean exit of 2-process gloo runs (the os._exit shutdown)",
     "gpu": "GPU throughput, memory, busy share, data wait, host-device syncs per step (needs a GPU)",
+    "raw_pipeline": "raw-scan pipeline CPU s per 1 mm head on one core: N4 / registration / deepbet (target ≤ 30 s)",
+    "faults": "fault injection: clean error or correct recovery, silent or destructive 0 (issue 14)",
 }
 
 README_BEGIN = "<!-- benchmarks:begin (rendered by `python -m benchmarks.run_all --render-only` from benchmarks/results/*.json; do not edit) -->"

@@ -17,8 +17,9 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("brainage_hpc.commands.synth", "write a synthetic HCP-layout cohort from the MNI152 template"),
-    "preprocess": ("brainage_hpc.commands.preprocess", "HCP subject folders -> sharded HDF5 + manifest"),
+    "preprocess": ("brainage_hpc.commands.preprocess", "HCP, BIDS or CSV cohorts (skull-stripped or raw) -> sharded HDF5 + manifest"),
     "verify": ("brainage_hpc.commands.verify", "re-read shards and check checksums, shapes, finiteness"),
+    "qc": ("brainage_hpc.commands.qc", "QC page of preprocessed shards: slices, mask contours, template edges, outliers"),
     "train": ("brainage_hpc.commands.train", "train a model (single process, torchrun, or SLURM srun)"),
     "evaluate": ("brainage_hpc.commands.evaluate", "metrics, predictions.csv and plots for a trained run"),
     "predict": ("brainage_hpc.commands.predict", "brain age of a cohort of NIfTI scans (resumable; SLURM array tasks; merge)"),

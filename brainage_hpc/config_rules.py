@@ -68,6 +68,8 @@ RULES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "launch.time_min": (1, None, True, True),
     "launch.signal_delay_s": (0, None, True, True),
     "launch.max_requeues": (0, None, True, True),
+    "launch.max_stalled_requeues": (0, None, True, True),
+    "launch.array_parallelism": (0, None, True, True),
 }
 
 

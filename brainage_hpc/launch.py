@@ -38,6 +38,7 @@ from brainage_hpc.launching import requeue  # noqa: E402
 from brainage_hpc.launching.executor import build_executor, dry_run_script, parse_mem_gb, time_limit_warning  # noqa: E402
 from brainage_hpc.launching.sweep import SweepPoint, expand_grid, load_sweep_file, parse_sweep_arg, write_sweep  # noqa: E402
 from brainage_hpc.launching.waiting import JobOutcome, wait_for_jobs  # noqa: E402
+from brainage_hpc.outputs import OutputError, prepare_output_dir  # noqa: E402
 
 __all__ = ["ERROR_FILE", "TrainJob", "build_executor", "main"]
 
@@ -94,11 +95,12 @@ class TrainJob(submitit.helpers.Checkpointable):
         self._record_error(env.rank, message)
         raise RuntimeError(message)
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:  # type: ignore[override]
         """A fresh job that resumes from the newest checkpoint on disk, or None (no requeue).
 
         None when SLURM is ending the job (``scancel``: only the USR1 warning may
-        requeue) or when restarts keep saving no new checkpoint.
+        requeue) or when restarts keep saving no new checkpoint. submitit reads None as
+        "do not requeue" (its base class declares no None, hence the type: ignore).
         """
         if not requeue.job_is_running():
             self._refuse("not requeueing: SLURM is ending this job (scancel or the time limit)")
@@ -231,9 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     warning = time_limit_warning(cfg.launch)
     if warning:
         print(f"launch: warning: {warning}", file=sys.stderr)
-    if points:
-        return _run_sweep(args, cfg, points, point_cfgs, base)
-    return _run_single(args, cfg)
+    try:
+        if points:
+            return _run_sweep(args, cfg, points, point_cfgs, base)
+        return _run_single(args, cfg)
+    except OutputError as exc:
+        print(f"launch: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _run_single(args: argparse.Namespace, cfg: RunConfig) -> int:
@@ -242,7 +248,7 @@ def _run_single(args: argparse.Namespace, cfg: RunConfig) -> int:
     if args.dry_run:
         print(dry_run_script(cfg, folder))
         return 0
-    run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(run_dir, "run folder")
     ex = build_executor(cfg, folder, cfg.launch.executor)
     job = ex.submit(TrainJob(config_to_dict(cfg), str(run_dir), args.resume))
     print(f"submitted job {job.job_id} ({cfg.launch.executor}, {cfg.launch.nodes} node(s))")
@@ -272,7 +278,7 @@ def _run_sweep(args: argparse.Namespace, cfg: RunConfig, points: list[SweepPoint
             print(f"  [{p.index}] {p.name}: {' '.join(p.overrides)}")
         print(dry_run_script(cfg, folder, array_size=len(points)))
         return 0
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(sweep_dir, "sweep folder")
     ex = build_executor(cfg, folder, cfg.launch.executor)
     # submit_array: different Checkpointable callables, one SLURM array (one job with one point)
     jobs = ex.submit_array([TrainJob(config_to_dict(c), str(d), args.resume) for c, d in zip(point_cfgs, run_dirs)])

@@ -3,6 +3,7 @@
 #
 #   HCP_ROOT=/data/HCP_1200 OUT=/scratch/$USER/shards bash slurm/preprocess_array.sh
 #   HCP_ROOT=... OUT=... PREPROCESS_ARGS="--shape 160 192 160 --compression lzf" bash slurm/preprocess_array.sh
+#   COHORTS="ixi=bids:/data/IXI clinic=csv:/data/scans.csv" OUT=... PREPROCESS_ARGS="--pipeline raw" bash slurm/preprocess_array.sh
 #
 # Run it with bash (not sbatch) from the repository root on a login node. It submits
 #   1. a plan job: discovers subjects, makes the splits (and fits histogram
@@ -15,7 +16,9 @@
 # shards that are missing or damaged (finished ones are skipped by checksum).
 #
 # Environment (default):
-#   HCP_ROOT          HCP root with <subject>/T1w/T1w_acpc_dc_restore_brain.nii.gz and the CSVs (required)
+#   HCP_ROOT          HCP root with <subject>/T1w/T1w_acpc_dc_restore_brain.nii.gz and the CSVs
+#   COHORTS           other cohorts, space-separated [NAME=][KIND:]PATH (BIDS roots, CSV tables);
+#                     HCP_ROOT, COHORTS or both are required
 #   OUT               output folder on a file system every node sees (required)
 #   SHARD_SIZE        subjects per shard = per array task (32)
 #   CPUS              CPUs per array task = preprocess --workers (4)
@@ -29,7 +32,9 @@
 #   DRY_RUN=1         print the sbatch commands instead of submitting
 set -euo pipefail
 
-: "${HCP_ROOT:?set HCP_ROOT to the HCP download (folder of subject IDs)}"
+HCP_ROOT="${HCP_ROOT:-}"
+COHORTS="${COHORTS:-}"
+[ -n "$HCP_ROOT$COHORTS" ] || { echo "preprocess_array.sh: error: set HCP_ROOT (HCP download) and/or COHORTS (BIDS roots, CSV tables)" >&2; exit 2; }
 : "${OUT:?set OUT to the output folder for the shards}"
 REPO="${BRAINAGE_HOME:-$PWD}"
 VENV="${VENV:-$REPO/.venv}"
@@ -39,17 +44,30 @@ MAX_PARALLEL="${MAX_PARALLEL:-50}"
 TIME="${TIME:-60}"
 PREPROCESS_ARGS="${PREPROCESS_ARGS:-}"
 
-[ -d "$HCP_ROOT" ] || { echo "preprocess_array.sh: error: HCP_ROOT=$HCP_ROOT is not a directory" >&2; exit 2; }
+[ -z "$HCP_ROOT" ] || [ -d "$HCP_ROOT" ] || { echo "preprocess_array.sh: error: HCP_ROOT=$HCP_ROOT is not a directory" >&2; exit 2; }
 [ -x "$VENV/bin/python" ] || { echo "preprocess_array.sh: error: no python in VENV=$VENV (make venv, or set VENV)" >&2; exit 2; }
 mkdir -p "$OUT/logs"
 
-# Upper bound on the shard count: every folder with a T1w/ folder (bad subjects only make it smaller).
-N_FOLDERS=$(find "$HCP_ROOT" -mindepth 2 -maxdepth 2 -type d -name T1w | wc -l)
-[ "$N_FOLDERS" -gt 0 ] || { echo "preprocess_array.sh: error: no <subject>/T1w folders in $HCP_ROOT" >&2; exit 2; }
-N_TASKS=$(( (N_FOLDERS + SHARD_SIZE - 1) / SHARD_SIZE ))
-
 BRAINAGE=("$VENV/bin/python" -u -m brainage_hpc.cli)
-COMMON=(--hcp-root "$HCP_ROOT" --out "$OUT" --shard-size "$SHARD_SIZE" --no-progress)
+SOURCES=()
+[ -n "$HCP_ROOT" ] && SOURCES+=(--hcp-root "$HCP_ROOT")
+for c in $COHORTS; do SOURCES+=(--cohort "$c"); done
+COMMON=("${SOURCES[@]}" --out "$OUT" --shard-size "$SHARD_SIZE" --no-progress)
+
+if [ -z "$COHORTS" ]; then
+    # Upper bound on the shard count: every folder with a T1w/ folder (bad subjects only make it smaller).
+    N_FOLDERS=$(find "$HCP_ROOT" -mindepth 2 -maxdepth 2 -type d -name T1w | wc -l)
+    [ "$N_FOLDERS" -gt 0 ] || { echo "preprocess_array.sh: error: no <subject>/T1w folders in $HCP_ROOT" >&2; exit 2; }
+    N_TASKS=$(( (N_FOLDERS + SHARD_SIZE - 1) / SHARD_SIZE ))
+else
+    # exact count from the cohorts' tables and file names (no image is read)
+    # shellcheck disable=SC2086
+    N_SHARDS=$("${BRAINAGE[@]}" preprocess "${COMMON[@]}" --count-shards $PREPROCESS_ARGS 2>/dev/null | tail -n 1) || true
+    [[ "$N_SHARDS" =~ ^[0-9]+$ ]] && [ "$N_SHARDS" -gt 0 ] || {
+        echo "preprocess_array.sh: error: cannot read the cohorts; run: brainage preprocess ${COMMON[*]} --count-shards" >&2; exit 2; }
+    N_TASKS=$N_SHARDS
+fi
+
 SBATCH=(sbatch --parsable --time="$TIME" --chdir="$REPO" --export=ALL,OMP_NUM_THREADS=1)
 [ -n "${PARTITION:-}" ] && SBATCH+=(--partition="$PARTITION")
 

@@ -38,7 +38,8 @@ export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 SRUN_WAIT=()
 if [ -n "$DIST_TIMEOUT_S" ]; then
     OVERRIDES="$OVERRIDES train.dist_timeout_s=$DIST_TIMEOUT_S"
-    SRUN_WAIT=(--wait=$((DIST_TIMEOUT_S + 60)))   # once one rank has ended, end the others this much later
+    margin=$(( DIST_TIMEOUT_S < 60 ? DIST_TIMEOUT_S : 60 ))
+    SRUN_WAIT=(--wait=$((DIST_TIMEOUT_S + margin)))   # once one rank has ended, end the others this much later
 fi
 
 echo "[$(date +%T)] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST: config=$CONFIG run_dir=$RUN_DIR"
@@ -46,15 +47,24 @@ echo "[$(date +%T)] to continue this run later: submit the same command again (s
 "$PY" -m brainage_hpc.launching.requeue start "$RUN_DIR" || true
 
 SRUN_PID=""
+RESEND_PID=""
 got_usr1=0
 stop_signal=""
+resend_usr1() {
+    # srun drops signals that come while it is still launching the tasks; the trainer
+    # only sets a flag on each USR1, so repeating it until srun ends is harmless.
+    while kill -0 "$SRUN_PID" 2>/dev/null; do
+        sleep 10
+        kill -USR1 "$SRUN_PID" 2>/dev/null
+    done
+}
 on_usr1() {
-    got_usr1=1
     echo "[$(date +%T)] batch shell got USR1 ${SECONDS}s after the start: asking the tasks to checkpoint (then requeue)"
-    if [ "$SECONDS" -lt 60 ]; then
-        echo "[$(date +%T)] WARNING: USR1 came ${SECONDS}s after the start: is --time shorter than the --signal lead?"
+    if [ -n "$SRUN_PID" ]; then
+        kill -USR1 "$SRUN_PID" 2>/dev/null   # srun forwards USR1 to every task
+        if [ "$got_usr1" -eq 0 ]; then resend_usr1 & RESEND_PID=$!; fi
     fi
-    [ -n "$SRUN_PID" ] && kill -USR1 "$SRUN_PID" 2>/dev/null   # srun forwards USR1 to every task
+    got_usr1=1
 }
 on_stop() {
     stop_signal="$1"
@@ -73,7 +83,10 @@ else
     srun --kill-on-bad-exit=0 ${SRUN_WAIT[@]+"${SRUN_WAIT[@]}"} "$PY" -u -m brainage_hpc.cli train \
         --config "$CONFIG" --run-dir "$RUN_DIR" --resume auto $OVERRIDES &
     SRUN_PID=$!
-    [ "$got_usr1" -eq 1 ] && kill -USR1 "$SRUN_PID" 2>/dev/null   # USR1 came while srun was starting
+    if [ "$got_usr1" -eq 1 ]; then   # USR1 came while srun was starting
+        kill -USR1 "$SRUN_PID" 2>/dev/null
+        resend_usr1 & RESEND_PID=$!
+    fi
 fi
 # `wait` returns early (128+signal) when a trapped signal arrives: keep waiting for srun,
 # and if srun ended while we were in the trap, fetch its own exit status.
@@ -88,10 +101,14 @@ while [ -n "$SRUN_PID" ]; do
     fi
     break
 done
+[ -n "$RESEND_PID" ] && kill "$RESEND_PID" 2>/dev/null
 
 requeue=0
 if [ -n "$stop_signal" ]; then
+    # srun may report 0 for a step it aborted: say how the job really ended
+    [ "$rc" -eq 0 ] && rc=$((128 + $(kill -l "$stop_signal")))
     echo "[$(date +%T)] stopped by $stop_signal (exit $rc): not requeueing; submit again to continue from the last checkpoint"
+    exit "$rc"
 elif [ "$rc" -eq 3 ]; then
     requeue=1
 elif [ "$got_usr1" -eq 1 ] && [ "$rc" -gt 128 ] && [ "$rc" -ne 130 ] && [ "$rc" -ne 143 ]; then
@@ -99,7 +116,7 @@ elif [ "$got_usr1" -eq 1 ] && [ "$rc" -gt 128 ] && [ "$rc" -ne 130 ] && [ "$rc" 
 fi
 if [ "$requeue" -eq 1 ]; then
     if "$PY" -m brainage_hpc.launching.requeue check "$RUN_DIR" --max-stalled "$MAX_STALLED_REQUEUES"; then
-        echo "[$(date +%T)] checkpoint written (exit $rc): requeueing job $SLURM_JOB_ID"
+        echo "[$(date +%T)] exit $rc after the checkpoint signal: requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi

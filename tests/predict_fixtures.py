@@ -34,7 +34,7 @@ def make_model_bundle(path: Path, shape: tuple[int, int, int] = SHAPE, voxel_mm:
     import torch
 
     from brainage_hpc.config import config_to_dict, load_config
-    from brainage_hpc.engine.checkpoint import atomic_torch_save
+    from brainage_hpc.engine.checkpoint import save_sealed
     from brainage_hpc.ingest.preprocess import PreprocessConfig
     from brainage_hpc.models.registry import build_model
 
@@ -57,13 +57,18 @@ def make_model_bundle(path: Path, shape: tuple[int, int, int] = SHAPE, voxel_mm:
         "step": 0,
         **(extra or {}),
     }
-    atomic_torch_save(bundle, path)
+    save_sealed(bundle, path)
     return path
+
+
+def subject_scans(cohort: Path) -> list[Path]:
+    """The T1w files of a synthetic HCP-layout cohort (not the truth maps beside them), or of a flat folder."""
+    return sorted(cohort.glob("*/T1w/*.nii.gz")) or sorted(cohort.glob("*.nii.gz"))
 
 
 def make_scans(folder: Path, n: int, source: Path) -> list[Path]:
     """``n`` distinct scan files in ``folder`` (copies of the synthetic subjects, cycled)."""
-    subjects = sorted(source.rglob("*.nii.gz"))
+    subjects = subject_scans(source)
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
@@ -92,15 +97,14 @@ def synth_subjects(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_run_dir(folder: Path, **kwargs) -> Path:
     """A run folder with ``last.pt`` as training leaves it (``model`` + metadata), from :func:`make_model_bundle`."""
-    import torch
 
-    from brainage_hpc.engine.checkpoint import atomic_torch_save
+    from brainage_hpc.engine.checkpoint import read_checkpoint, save_sealed
 
     folder.mkdir(parents=True, exist_ok=True)
-    bundle = torch.load(make_model_bundle(folder / ".bundle.pt", **kwargs), weights_only=True)
+    bundle = read_checkpoint(make_model_bundle(folder / ".bundle.pt", **kwargs))
     (folder / ".bundle.pt").unlink()
     ckpt = {"model": bundle.pop("state_dict"), **{k: v for k, v in bundle.items() if k != "format"}}
-    atomic_torch_save(ckpt, folder / "last.pt")
+    save_sealed(ckpt, folder / "last.pt")
     return folder
 
 

@@ -61,15 +61,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _add_calibration(path: Path, run_dir: Path) -> None:
-    """Put the run's calibration.json (contract 7) into the exported ``model.pt`` bundle."""
-    import torch
-
-    from brainage_hpc.engine.checkpoint import atomic_torch_save
+    """Put the run's calibration.json (contract 7) into the exported ``model.pt`` bundle (re-sealed)."""
+    from brainage_hpc.engine.checkpoint import read_checkpoint, save_sealed
     from brainage_hpc.evaluation.predict import read_calibration
 
     calibration = read_calibration(run_dir)
     if calibration is None:
         return
-    bundle = torch.load(path, map_location="cpu", weights_only=True)
+    bundle = read_checkpoint(path)  # verified; the digest is dropped and written anew below
     bundle["calibration"] = calibration
-    atomic_torch_save(bundle, path)
+    save_sealed(bundle, path)

@@ -58,6 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--intensity", default="zscore", help="zscore (default) | histogram (landmarks fitted on train)"
     )
+    parser.add_argument(
+        "--pipeline",
+        default="skullstripped",
+        choices=["skullstripped", "raw"],
+        help="skullstripped (default; HCP *_brain files) | raw (scanner T1w with skull: N4, MNI registration, deepbet)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="threads per worker for ANTs and deepbet (raw pipeline; default 1)"
+    )
     parser.add_argument("--crop-margin-mm", type=float, default=2.0, help="margin around the brain bounding box")
     parser.add_argument("--shard-size", type=int, default=32, help="subjects per shard (default 32)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
@@ -84,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--merge", action="store_true", help="only merge finished shards into manifest.json")
     parser.add_argument(
+        "--count-shards",
+        action="store_true",
+        help="print the number of shards the cohorts make (reads labels and file names only) and exit; "
+        "slurm/preprocess_array.sh sizes its array with it",
+    )
+    parser.add_argument(
         "--force", action="store_true", help="redo every selected shard (default: redo only missing, damaged or stale ones)"
     )
     parser.add_argument("--no-progress", action="store_true")
@@ -108,16 +123,20 @@ def run(args: argparse.Namespace) -> int:
             return _fail(str(exc))
     if not args.hcp_root and not args.cohort:
         return _fail("--hcp-root or --cohort is required (or pass --merge)")
-    if args.shard_size < 1 or args.workers < 1 or args.shards_per_task < 1:
-        return _fail("--shard-size, --workers and --shards-per-task must be >= 1")
+    if args.shard_size < 1 or args.workers < 1 or args.shards_per_task < 1 or args.threads < 1:
+        return _fail("--shard-size, --workers, --threads and --shards-per-task must be >= 1")
     try:
         cfg = PreprocessConfig(
             shape=tuple(args.shape),
             voxel_mm=args.voxel_mm,
             intensity=args.intensity,
             crop_margin_mm=args.crop_margin_mm,
+            pipeline=args.pipeline,
         )
         plan = _build_plan(args, cfg)
+        if args.count_shards:
+            print(math.ceil(len(plan["subjects"]) / plan["shard_size"]))
+            return 0
         out.mkdir(parents=True, exist_ok=True)
     except (HCPError, FileNotFoundError, ValueError, OSError) as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -126,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     n_subjects, size = len(plan["subjects"]), plan["shard_size"]
     n_shards = math.ceil(n_subjects / size)
-    with WorkerPool(args.workers) as pool:
+    with WorkerPool(args.workers, threads=args.threads) as pool:
         try:
             selected, sliced = _select_shards(args, n_subjects, n_shards, size)
             if plan["preprocess"]["intensity"] == "histogram" and plan["preprocess"]["landmarks"] is None:

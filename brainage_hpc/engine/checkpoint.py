@@ -87,6 +87,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as exc:  # disk full, quota, I/O error: name the checkpoint, not the anonymous temp file
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

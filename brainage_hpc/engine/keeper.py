@@ -68,13 +68,93 @@ class CheckpointKeeper:
         flag = b.all_reduce(torch.tensor([1.0 if ok else 0.0], device=b.device), "min")
         return host_values(flag)[0] > 0  # sync: at checkpoint/resume time only
 
+    def trainer_state(self) -> dict[str, Any]:
+        """Everything besides weights and optimizer that a resume needs (collective: RNG of all ranks)."""
+        t = self.t
+        rng = ckpt.capture_rng()
+        if t.backend.env.is_distributed and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * t.backend.env.world_size
+            torch.distributed.all_gather_object(gathered, rng)
+            rngs = gathered
+        else:
+            rngs = [rng]
+        sampler = t.train_data.sampler
+        if sampler is not None and t.state.batches_done == 0:
+            sampler.set_epoch(t.state.epoch)  # epoch boundary: the next epoch starts at its beginning
+        consumed = t.state.batches_done * t.backend.micro_batch
+        return {
+            "format_version": ckpt.CKPT_FORMAT,
+            "epoch": t.state.epoch,
+            "step": t.state.step,
+            "batches_done": t.state.batches_done,
+            "best_metric": t.state.best_metric,
+            "best_step": t.state.best_step,
+            "epochs_since_best": t.state.epochs_since_best,
+            "bad_steps": t.state.bad_steps,
+            "sampler": sampler.state_dict(consumed) if sampler is not None else None,
+            "rng": rngs,
+            "world_size": t.backend.env.world_size,
+            "lr_plan": t.lr_plan.state_dict() if t.lr_plan is not None else None,
+            "config": config_to_dict(t.cfg),
+            "git_sha": t.meta.get("git_sha", "unknown"),
+            "shape": t.meta.get("shape"),
+            "preprocess": t.meta.get("preprocess"),
+            "affine": t.meta.get("affine"),
+            "fingerprint": t.meta.get("fingerprint"),
+            "data_identity": t.meta.get("data_identity"),
+        }
+
+    def restore_trainer_state(self, stored: dict[str, Any]) -> None:
+        """Counters, sampler position, RNG, learning-rate plan; new train.lr/weight_decay of an explicit resume."""
+        t = self.t
+        s = t.state
+        s.epoch, s.step, s.batches_done = int(stored["epoch"]), int(stored["step"]), int(stored["batches_done"])
+        s.best_metric = stored.get("best_metric")
+        s.best_step = int(stored.get("best_step", -1))
+        s.epochs_since_best = int(stored.get("epochs_since_best", 0))
+        s.bad_steps = int(stored.get("bad_steps", 0))
+        t._clean_until = s.step
+        if stored.get("sampler") is not None and t.train_data.sampler is not None:
+            t.train_data.sampler.load_state_dict(stored["sampler"])
+        rngs = stored.get("rng") or []
+        rank = t.backend.env.rank
+        if len(rngs) == t.backend.env.world_size:
+            ckpt.restore_rng(rngs[rank])
+        elif rngs:
+            log.warning("checkpoint has RNG states of %d ranks, this run has %d: RNG not restored", len(rngs), t.backend.env.world_size)
+        self._apply_new_optimisation(((stored.get("config") or {}).get("train") or {}))
+        if t.lr_plan is not None:
+            if stored.get("lr_plan"):
+                t.lr_plan.load_state_dict(stored["lr_plan"])
+            if t.lr_plan.total != t.total_steps:
+                old = t.lr_plan.total
+                t.lr_plan.replan(s.step, t.total_steps)
+                log.info("planned steps changed from %d to %d: the %s learning-rate schedule continues from step %d "
+                         "without a jump and decays over the remaining steps", old, t.total_steps, t.cfg.train.schedule, s.step)
+
+    def _apply_new_optimisation(self, old: dict[str, Any]) -> None:
+        """An explicit resume may change train.lr / weight_decay: the restored optimizer and
+        scheduler carry the old ones, so set the new ones (no-op when unchanged)."""
+        cfg = self.t.cfg.train
+        t = self.t
+        groups = t.optimizer.param_groups
+        if "lr" in old and old["lr"] != cfg.lr:
+            scheduler = getattr(t.backend, "scheduler", None)
+            if scheduler is not None and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [cfg.lr for _ in scheduler.base_lrs]
+            factor = t.lr_plan.factor(t.state.step) if t.lr_plan is not None else 1.0
+            for g in groups:
+                g["initial_lr"], g["lr"] = cfg.lr, cfg.lr * factor
+        if "weight_decay" in old and old["weight_decay"] != cfg.weight_decay and groups:
+            groups[0]["weight_decay"] = cfg.weight_decay  # group 0 decays; norms and biases (group 1) never
+
     # ------------------------------------------------------------------ save
 
     def save(self, is_best: bool = False) -> Path:
         """Checkpoint the current step, update last/best, prune; every rank calls it."""
         t, b, s = self.t, self.t.backend, self.t.state
         path = ckpt.checkpoint_path(self.run_dir, s.step, b.name)
-        state = t.trainer_state()
+        state = self.trainer_state()
         error: OSError | None = None
         try:
             b.save(path, state, t.model, t.optimizer)
@@ -146,7 +226,7 @@ class CheckpointKeeper:
             if stored is None:
                 if explicit:
                     raise ResumeError(f"{problem}; pass another checkpoint, --resume auto or --resume none")
-                log.warning("skipping unreadable checkpoint: %s", problem)
+                (log.warning if b.is_global_zero else log.debug)("skipping unreadable checkpoint: %s", problem)
                 continue
             notes = check_compatible(stored, config_to_dict(t.cfg), t.meta.get("data_identity"), path, self.run_dir, explicit)
             try:
@@ -154,7 +234,7 @@ class CheckpointKeeper:
             except (RuntimeError, KeyError, ValueError) as exc:
                 first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 raise ResumeError(f"{path}: does not fit this model and optimizer ({first}); use --resume none or a new --run-dir") from None
-            t.restore_trainer_state(stored)
+            self.restore_trainer_state(stored)
             self.resumed_from = path
             older = [p for p in candidates[i + 1:]] if resume == "auto" else [
                 p for s, p in ckpt.list_checkpoints(self.run_dir, b.name) if s < t.state.step]

@@ -148,6 +148,7 @@ def build_trainer(cfg: RunConfig, run_dir: str | Path, env: DistEnv | None = Non
         "shape": shape,
         "preprocess": manifest.preprocess,
         "affine": [list(map(float, row)) for row in manifest.affine],
+        "fingerprint": manifest.extra.get("fingerprint"),  # contract 4: preprocessing fingerprint of the shards
         "data_identity": data_identity(manifest, [cfg.data.train_split, cfg.data.val_split]),
     }
     return Trainer(cfg, run_dir, backend, model, optimizer, train_data, val_data, logger, meta)

@@ -26,8 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from brainage_hpc.config import RunConfig, config_to_dict
-from brainage_hpc.engine import checkpoint as ckpt
+from brainage_hpc.config import RunConfig
 from brainage_hpc.engine.backends import Backend
 from brainage_hpc.engine.keeper import CheckpointKeeper
 from brainage_hpc.engine.logging import RunLogger
@@ -115,38 +114,7 @@ class Trainer:
 
     def trainer_state(self) -> dict[str, Any]:
         """Everything besides weights and optimizer that a resume needs (collective: RNG of all ranks)."""
-        rng = ckpt.capture_rng()
-        if self.backend.env.is_distributed and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * self.backend.env.world_size
-            torch.distributed.all_gather_object(gathered, rng)
-            rngs = gathered
-        else:
-            rngs = [rng]
-        sampler = self.train_data.sampler
-        if sampler is not None and self.state.batches_done == 0:
-            sampler.set_epoch(self.state.epoch)  # epoch boundary: the next epoch starts at its beginning
-        consumed = self.state.batches_done * self.backend.micro_batch
-        return {
-            "format_version": ckpt.CKPT_FORMAT,
-            "epoch": self.state.epoch,
-            "step": self.state.step,
-            "batches_done": self.state.batches_done,
-            "best_metric": self.state.best_metric,
-            "best_step": self.state.best_step,
-            "epochs_since_best": self.state.epochs_since_best,
-            "bad_steps": self.state.bad_steps,
-            "sampler": sampler.state_dict(consumed) if sampler is not None else None,
-            "rng": rngs,
-            "world_size": self.backend.env.world_size,
-            "lr_plan": self.lr_plan.state_dict() if self.lr_plan is not None else None,
-            "config": config_to_dict(self.cfg),
-            "git_sha": self.meta.get("git_sha", "unknown"),
-            "shape": self.meta.get("shape"),
-            "preprocess": self.meta.get("preprocess"),
-            "affine": self.meta.get("affine"),
-            "fingerprint": self.meta.get("fingerprint"),
-            "data_identity": self.meta.get("data_identity"),
-        }
+        return self.keeper.trainer_state()
 
     def save_checkpoint(self, is_best: bool = False) -> Path:
         """Checkpoint the current step on every backend, then update last/best and prune."""
@@ -155,47 +123,6 @@ class Trainer:
     def resume(self, resume: str) -> bool:
         """Load the newest verified checkpoint (``auto``), a given one, or none; see ``keeper``."""
         return self.keeper.resume(resume)
-
-    def restore_trainer_state(self, stored: dict[str, Any]) -> None:
-        s = self.state
-        s.epoch, s.step, s.batches_done = int(stored["epoch"]), int(stored["step"]), int(stored["batches_done"])
-        s.best_metric = stored.get("best_metric")
-        s.best_step = int(stored.get("best_step", -1))
-        s.epochs_since_best = int(stored.get("epochs_since_best", 0))
-        s.bad_steps = int(stored.get("bad_steps", 0))
-        self._clean_until = s.step
-        if stored.get("sampler") is not None and self.train_data.sampler is not None:
-            self.train_data.sampler.load_state_dict(stored["sampler"])
-        rngs = stored.get("rng") or []
-        rank = self.backend.env.rank
-        if len(rngs) == self.backend.env.world_size:
-            ckpt.restore_rng(rngs[rank])
-        elif rngs:
-            log.warning("checkpoint has RNG states of %d ranks, this run has %d: RNG not restored", len(rngs), self.backend.env.world_size)
-        self._apply_new_optimisation(((stored.get("config") or {}).get("train") or {}))
-        if self.lr_plan is not None:
-            if stored.get("lr_plan"):
-                self.lr_plan.load_state_dict(stored["lr_plan"])
-            if self.lr_plan.total != self.total_steps:
-                old = self.lr_plan.total
-                self.lr_plan.replan(s.step, self.total_steps)
-                log.info("planned steps changed from %d to %d: the %s learning-rate schedule continues from step %d "
-                         "without a jump and decays over the remaining steps", old, self.total_steps, self.cfg.train.schedule, s.step)
-
-    def _apply_new_optimisation(self, old: dict[str, Any]) -> None:
-        """An explicit resume may change train.lr / weight_decay: the restored optimizer and
-        scheduler carry the old ones, so set the new ones (no-op when unchanged)."""
-        t = self.cfg.train
-        groups = self.optimizer.param_groups
-        if "lr" in old and old["lr"] != t.lr:
-            scheduler = getattr(self.backend, "scheduler", None)
-            if scheduler is not None and hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [t.lr for _ in scheduler.base_lrs]
-            factor = self.lr_plan.factor(self.state.step) if self.lr_plan is not None else 1.0
-            for g in groups:
-                g["initial_lr"], g["lr"] = t.lr, t.lr * factor
-        if "weight_decay" in old and old["weight_decay"] != t.weight_decay and groups:
-            groups[0]["weight_decay"] = t.weight_decay  # group 0 decays; norms and biases (group 1) never
 
     # ------------------------------------------------------------------ the loop
 

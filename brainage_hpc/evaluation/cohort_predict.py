@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from brainage_hpc.evaluation.cohort_run import ScoreOptions, ScoreOutcome, StopRequest, score_scans
+from brainage_hpc.evaluation.exported import model_digest
 from brainage_hpc.evaluation.merge import MergeSummary, collect_rows, merge_parts
 from brainage_hpc.evaluation.parts import (
     PartWriter,
@@ -85,12 +86,15 @@ def _say(msg: str, err: bool = False) -> None:
     print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def _scored_keys(parts_dir: Path) -> set[tuple[str, int, int]]:
+def _scored_keys(parts_dir: Path, model: str) -> set[tuple[str, int, int]]:
+    """Keys of scans with a successful record of ``model`` in any part of the folder."""
     done: set[tuple[str, int, int]] = set()
     for _, _, path in iter_part_files(parts_dir):
         records, _ = read_records(path)
         for r in records:
-            if r.get("kind") == "scan" and not r.get("error") and isinstance(r.get("key"), list) and len(r["key"]) == 3:
+            if r.get("kind") != "scan" or r.get("error") or r.get("model") != model:
+                continue
+            if isinstance(r.get("key"), list) and len(r["key"]) == 3:
                 done.add((str(r["key"][0]), int(r["key"][1]), int(r["key"][2])))
     return done
 
@@ -102,7 +106,7 @@ def _current_key(path: str) -> tuple[str, int, int]:
         return (os.path.abspath(path), -1, -1)
 
 
-def array_plan(parts_dir: Path, inputs: Sequence[str], tasks: int) -> Plan:
+def array_plan(parts_dir: Path, inputs: Sequence[str], tasks: int, model: str) -> Plan:
     """The plan of a K-task array run: the one in ``parts_dir``, or a new one (first writer wins).
 
     Resubmitting the same array continues it; another task count or other inputs are refused.
@@ -115,7 +119,12 @@ def array_plan(parts_dir: Path, inputs: Sequence[str], tasks: int) -> Plan:
     plan = read_plan(parts_dir)
     if plan is None:
         scans, failures = collect_scans(inputs)
-        plan = write_plan(parts_dir, Plan(scans, failures, tasks, list(inputs)), replace=False)
+        plan = write_plan(parts_dir, Plan(scans, failures, tasks, list(inputs), model=model), replace=False)
+    if plan.model and plan.model != model:
+        raise ValueError(
+            f"{parts_dir / 'plan.json'}: this run is scored with other weights (model {plan.model[:12]}, not "
+            f"{model[:12]}); use another --out for another model"
+        )
     if plan.tasks != tasks or (inputs and plan.inputs != list(inputs)):
         raise ValueError(
             f"{parts_dir / 'plan.json'}: holds a plan for {plan.tasks} task(s) over inputs {plan.inputs}, "
@@ -124,11 +133,11 @@ def array_plan(parts_dir: Path, inputs: Sequence[str], tasks: int) -> Plan:
     return plan
 
 
-def _plan_for(req: PredictRequest, parts_dir: Path) -> Plan:
+def _plan_for(req: PredictRequest, parts_dir: Path, model: str) -> Plan:
     if req.task is None:
         scans, failures = collect_scans(req.inputs)
-        return write_plan(parts_dir, Plan(scans, failures, 1, list(req.inputs)), replace=True)
-    return array_plan(parts_dir, req.inputs, req.tasks)
+        return write_plan(parts_dir, Plan(scans, failures, 1, list(req.inputs), model=model), replace=True)
+    return array_plan(parts_dir, req.inputs, req.tasks, model)
 
 
 def _session(event: str, task: int, tasks: int, **extra: Any) -> dict[str, Any]:
@@ -214,8 +223,9 @@ def run_predict(req: PredictRequest, say: Callable[..., None] = _say) -> int:
         task = req.task or 0
         # the part's lock first: a second process on the same part stops before it touches the plan
         with PartWriter(parts_dir / part_name(task, req.tasks)) as writer, StopRequest() as stop:
-            plan = _plan_for(req, parts_dir)
-            done = _scored_keys(parts_dir)
+            model = model_digest(lm.model)
+            plan = _plan_for(req, parts_dir, model)
+            done = _scored_keys(parts_dir, model)
             todo = [(i, plan.scans[i]) for i in plan.task_range(task) if _current_key(plan.scans[i].path) not in done]
             skipped = len(plan.task_range(task)) - len(todo)
             if skipped:
@@ -223,7 +233,7 @@ def run_predict(req: PredictRequest, say: Callable[..., None] = _say) -> int:
             writer.append([_session("start", task, plan.tasks, todo=len(todo), skipped=skipped, device=str(lm.device),
                                     model=str(lm.source),
                                     workers=req.options.workers, batch_size=req.options.batch_size)])
-            outcome: ScoreOutcome = score_scans(lm, pcfg, todo, writer, req.options, stop, task)
+            outcome: ScoreOutcome = score_scans(lm, pcfg, todo, writer, req.options, stop, task, model=model)
             writer.append([_session("end", task, plan.tasks, scored=outcome.scored, failed=outcome.failed,
                                     stopped_by=outcome.stopped_by, elapsed_s=round(outcome.elapsed_s, 3),
                                     prepare_s=round(outcome.prepare_s, 3), infer_s=round(outcome.infer_s, 3))])

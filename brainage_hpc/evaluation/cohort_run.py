@@ -119,10 +119,7 @@ class _PreparedScans(torch.utils.data.Dataset):
         index, scan = self.todo[j]
         t0 = time.perf_counter()
         item: dict[str, Any] = {"index": index, "scan": scan, "volume": None, "error": None, "qc": {}, "warnings": []}
-        try:
-            item["key"] = list(scan_key(scan.path))
-        except OSError:
-            item["key"] = [os.path.abspath(scan.path), -1, -1]
+        item["key"] = _key_of(scan)
         try:
             prepared = prepare_input(scan.path, self.pcfg)
             item["volume"] = torch.from_numpy(np.ascontiguousarray(prepared.volume))  # (D, H, W) float16
@@ -191,9 +188,11 @@ def _predict_items(lm: Any, items: list[dict[str, Any]], default_sex: str) -> li
         return [r for it in items for r in _predict_items(lm, [it], default_sex)]
 
 
-def _record(item: dict[str, Any], pred: dict[str, Any] | None, error: str | None, task: int, infer_s: float) -> dict[str, Any]:
+def _record(item: dict[str, Any], pred: dict[str, Any] | None, error: str | None, task: int, infer_s: float,
+            model: str) -> dict[str, Any]:
     return {
         "kind": "scan",
+        "model": model,
         "index": item["index"],
         "key": item["key"],
         "file": item["scan"].path,
@@ -216,6 +215,25 @@ def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
                 mininterval=0.5 if tty else 30.0, dynamic_ncols=tty, smoothing=0.1)
 
 
+def _loader(todo: Sequence[tuple[int, ScanRecord]], pcfg: Any, batch_size: int, workers: int,
+            prefetch: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        _PreparedScans(todo, pcfg),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_as_list,
+        pin_memory=False,
+        prefetch_factor=prefetch if workers else None,
+        persistent_workers=False,
+    )
+
+
+def _worker_died(exc: BaseException) -> bool:
+    """torch's error for a preprocessing process killed by a signal (segfault, OOM killer) or exiting early."""
+    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
+
+
 def score_scans(
     lm: Any,
     pcfg: Any,
@@ -224,8 +242,14 @@ def score_scans(
     opts: ScoreOptions,
     stop: StopRequest,
     task: int = 0,
+    model: str = "",
 ) -> ScoreOutcome:
     """Prepare, predict and record every scan of ``todo`` (plan index, scan), unless stopped.
+
+    A preprocessing worker that dies (a library segfault, the OOM killer) is not an
+    exception of one scan: the remaining scans are retried one at a time in a single
+    worker until the scan that kills it is found; that scan gets an error record and
+    the others go on at full speed, so one poisonous file cannot stop a cohort.
 
     Args:
         lm: the loaded model (``evaluation.predict.LoadedModel``).
@@ -235,6 +259,7 @@ def score_scans(
         opts: batch size, workers, default sex, progress bar.
         stop: set by a signal; the loop stops at the next batch boundary.
         task: task id written into every record.
+        model: digest of the weights, written into every record (a rerun reuses only its own model's ages).
 
     Returns:
         The :class:`ScoreOutcome` (``stopped_by`` = the signal number when stopped).
@@ -244,48 +269,76 @@ def score_scans(
         return outcome
     started = time.perf_counter()
     hold = float(os.environ.get(HOLD_ENV, "0") or 0)
-    loader = torch.utils.data.DataLoader(
-        _PreparedScans(todo, pcfg),
-        batch_size=opts.batch_size,
-        shuffle=False,
-        num_workers=opts.workers,
-        collate_fn=_as_list,
-        pin_memory=False,
-        prefetch_factor=2 if opts.workers else None,
-        persistent_workers=False,
-    )
     bar = _progress_bar(len(todo), opts.progress, f"{socket.gethostname()} task {task}")
-    batches = iter(loader)
+
+    def record(batch: list[dict[str, Any]], done: set[int]) -> None:
+        ready = [it for it in batch if it["volume"] is not None]
+        t0 = time.perf_counter()
+        results = dict(zip((id(it) for it in ready), _predict_items(lm, ready, opts.sex)))
+        infer_each = (time.perf_counter() - t0) / max(len(ready), 1)
+        records = []
+        for it in batch:
+            pred, error = results.get(id(it), (None, it["error"]))
+            records.append(_record(it, pred, error, task, infer_each if it["volume"] is not None else 0.0, model))
+            outcome.prepare_s += it["prepare_s"]
+            outcome.infer_s += infer_each if it["volume"] is not None else 0.0
+            if error:
+                outcome.failed += 1
+                bar.write(f"brainage predict: error: {error}", file=sys.stderr)
+            else:
+                outcome.scored += 1
+        writer.append(records)
+        done.update(it["index"] for it in batch)
+        bar.update(len(batch))
+        if outcome.failed:
+            bar.set_postfix(failed=outcome.failed, refresh=False)
+
+    remaining = list(todo)
+    isolate = False  # one scan at a time in one worker, to find the scan that kills workers
     try:
-        for batch in batches:
-            if stop.signum is not None:
-                break
-            ready = [it for it in batch if it["volume"] is not None]
-            t0 = time.perf_counter()
-            results = dict(zip((id(it) for it in ready), _predict_items(lm, ready, opts.sex)))
-            infer_each = (time.perf_counter() - t0) / max(len(ready), 1)
-            records = []
-            for it in batch:
-                pred, error = results.get(id(it), (None, it["error"]))
-                records.append(_record(it, pred, error, task, infer_each if it["volume"] is not None else 0.0))
-                outcome.prepare_s += it["prepare_s"]
-                outcome.infer_s += infer_each if it["volume"] is not None else 0.0
-                if error:
-                    outcome.failed += 1
-                    bar.write(f"brainage predict: error: {error}", file=sys.stderr)
+        while remaining and stop.signum is None:
+            done: set[int] = set()
+            if isolate:
+                batches = iter(_loader(remaining, pcfg, 1, 1, 1))
+            else:
+                batches = iter(_loader(remaining, pcfg, opts.batch_size, opts.workers, 2))
+            try:
+                for batch in batches:
+                    if stop.signum is not None:
+                        break
+                    record(batch, done)
+                    if hold > 0:
+                        time.sleep(hold)
+                    if stop.signum is not None:
+                        break
+                remaining = []
+            except RuntimeError as exc:
+                if not _worker_died(exc):
+                    raise
+                remaining = [t for t in remaining if t[0] not in done]
+                if isolate and remaining:
+                    index, scan = remaining.pop(0)  # in isolation the worker died on the first unrecorded scan
+                    reason = (str(exc).strip().splitlines() or ["died"])[0]
+                    item = {"index": index, "scan": scan, "key": _key_of(scan), "qc": {}, "warnings": [], "prepare_s": 0.0,
+                            "volume": None,
+                            "error": f"{scan.path}: the preprocessing process died while preparing it ({reason})"}
+                    record([item], done)
+                    isolate = False
                 else:
-                    outcome.scored += 1
-            writer.append(records)
-            bar.update(len(batch))
-            if outcome.failed:
-                bar.set_postfix(failed=outcome.failed, refresh=False)
-            if hold > 0:
-                time.sleep(hold)
-            if stop.signum is not None:
-                break
+                    log.warning("a preprocessing worker died (%s); retrying the remaining %d scan(s) one at a time",
+                                exc, len(remaining))
+                    isolate = True
+            finally:
+                del batches  # shuts the worker processes down
     finally:
-        del batches  # shuts the worker processes down
         bar.close()
     outcome.stopped_by = stop.signum
     outcome.elapsed_s = time.perf_counter() - started
     return outcome
+
+
+def _key_of(scan: ScanRecord) -> list[Any]:
+    try:
+        return list(scan_key(scan.path))
+    except OSError:
+        return [os.path.abspath(scan.path), -1, -1]

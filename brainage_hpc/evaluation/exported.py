@@ -31,7 +31,15 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["EXPORT_FORMATS", "ExportedModule", "export_model", "is_exported_file", "load_exported", "parity_check"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "ExportedModule",
+    "export_model",
+    "is_exported_file",
+    "load_exported",
+    "model_digest",
+    "parity_check",
+]
 
 log = logging.getLogger(__name__)
 EXPORT_FORMATS = ("pt", "onnx", "torchscript")
@@ -64,11 +72,12 @@ class _InferenceGraph(nn.Module):
 class ExportedModule(nn.Module):
     """An ONNX Runtime session or a TorchScript module behind the model interface (``batch -> dict``)."""
 
-    def __init__(self, runner: Any, outputs: list[str], kind: Literal["onnx", "torchscript"]) -> None:
+    def __init__(self, runner: Any, outputs: list[str], kind: Literal["onnx", "torchscript"], digest: str) -> None:
         super().__init__()
         self.runner = runner
         self.outputs = outputs
         self.kind = kind
+        self.digest = digest  # sha256 recorded at export (graph for ONNX, weights for TorchScript)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Args:
@@ -115,6 +124,15 @@ def _state_digest(module: Any) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 identifying a model's weights: of the state_dict, or the digest an export recorded.
+
+    ``brainage predict`` stores it with every record, so a rerun with other weights
+    scores everything again instead of reusing the old model's ages.
+    """
+    return model.digest if isinstance(model, ExportedModule) else _state_digest(model)
 
 
 def _metadata(lm: Any, outputs: tuple[str, ...], calibration: dict[str, Any] | None, fmt: str) -> dict[str, Any]:
@@ -199,7 +217,7 @@ def export_model(source: str | Path, out: str | Path | None, fmt: str = "onnx") 
     Raises:
         ValueError: unknown format, unreadable source, or a model that cannot be exported.
     """
-    from brainage_hpc.engine.checkpoint import atomic_torch_save
+    from brainage_hpc.engine.checkpoint import save_sealed
     from brainage_hpc.evaluation.predict import load_model, read_calibration
 
     if fmt not in EXPORT_FORMATS:
@@ -216,7 +234,7 @@ def export_model(source: str | Path, out: str | Path | None, fmt: str = "onnx") 
         bundle = {"format": "brainage-model", "state_dict": lm.model.state_dict(), "config": meta["config"],
                   "shape": meta["shape"], "preprocess": lm.preprocess, "affine": meta["affine"], "step": lm.step,
                   "fingerprint": lm.fingerprint, "calibration": calibration}
-        atomic_torch_save(bundle, out)
+        save_sealed(bundle, out)  # contract 2: exported bundles carry a digest verified on load
     elif fmt == "onnx":
         _export_onnx(_InferenceGraph(model, outputs).eval(), lm, meta, out)
     else:
@@ -258,7 +276,7 @@ def _load_onnx(path: Path) -> tuple[ExportedModule, dict[str, Any]]:
         session = ort.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ValueError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    return ExportedModule(session, list(meta["outputs"]), "onnx"), meta
+    return ExportedModule(session, list(meta["outputs"]), "onnx", meta["sha256"]), meta
 
 
 def _load_torchscript(path: Path) -> tuple[ExportedModule, dict[str, Any]]:
@@ -272,7 +290,7 @@ def _load_torchscript(path: Path) -> tuple[ExportedModule, dict[str, Any]]:
     meta = _parse_meta(path, extra[_TS_EXTRA] or None)
     if meta.get("sha256") != _state_digest(module):
         raise ValueError(f"{path}: TorchScript weights do not match their recorded sha256 (file damaged after export)")
-    return ExportedModule(module.eval(), list(meta["outputs"]), "torchscript"), meta
+    return ExportedModule(module.eval(), list(meta["outputs"]), "torchscript", meta["sha256"]), meta
 
 
 def _parse_meta(path: Path, text: str | bytes | None) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Combine the part files of a cohort run into one CSV, one row per planned scan.
 
 For every scan of the plan the merge takes, from any part file in the folder, the
-newest successful record whose key (path, size, mtime) matches the file as it is now,
+newest successful record of the plan's model whose key (path, size, mtime) matches the file as it is now,
 else the newest error record; a scan with no record gets an error row that names the
 part that owed it and whether that part file is missing. So the CSV always has one row
 per scan, in plan order, and a missing part is named, never silently absent.
@@ -82,8 +82,11 @@ def collect_rows(parts_dir: Path, plan: Plan) -> MergeSummary:
         records, dropped = read_records(path)
         summary.dropped_lines += dropped
         for rec in records:
-            if rec.get("kind") == "scan" and isinstance(rec.get("key"), list) and len(rec["key"]) == 3:
-                by_path[str(rec["key"][0])].append(rec)
+            if rec.get("kind") != "scan" or not isinstance(rec.get("key"), list) or len(rec["key"]) != 3:
+                continue
+            if plan.model and rec.get("model") != plan.model:
+                continue  # scored by other weights: not an answer of this plan's model
+            by_path[str(rec["key"][0])].append(rec)
 
     for failure in plan.failures:
         row = build_row(None, failure.file or failure.subject, None, error=failure_message(failure))

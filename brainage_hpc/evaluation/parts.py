@@ -74,6 +74,7 @@ class Plan:
     tasks: int = 1
     inputs: list[str] = field(default_factory=list)
     created: str = ""
+    model: str = ""  # digest of the weights that score this plan (see evaluation.exported.model_digest)
 
     def task_range(self, task: int) -> range:
         """Indices into ``scans`` that task ``task`` scores."""
@@ -93,6 +94,7 @@ class Plan:
             "created": self.created,
             "tasks": self.tasks,
             "inputs": list(self.inputs),
+            "model": self.model,
             "scans": [s.to_dict() for s in self.scans],
             "failures": [asdict(f) for f in self.failures],
         }
@@ -105,6 +107,7 @@ class Plan:
             tasks=int(data["tasks"]),
             inputs=[str(i) for i in data.get("inputs", [])],
             created=str(data.get("created", "")),
+            model=str(data.get("model", "")),
         )
 
 

@@ -39,6 +39,7 @@ from brainage_hpc.evaluation.cohort_predict import (  # noqa: E402
     run_predict,
 )
 from brainage_hpc.evaluation.cohort_run import ScoreOptions  # noqa: E402
+from brainage_hpc.evaluation.exported import model_digest  # noqa: E402
 
 __all__ = ["PredictTask", "build_predict_executor", "main"]
 
@@ -175,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         out = check_output_file(args.out, "--out").resolve()
         parts_dir = prepare_output_dir(parts_dir_for(out), "parts folder")
         inputs = tuple(str(Path(i).resolve()) for i in args.input)  # tasks may start in another folder
-        plan = array_plan(parts_dir, inputs, args.tasks)
-        load_for_scoring(args.checkpoint, "cpu")  # a bad checkpoint fails here, not in K tasks
+        lm, _ = load_for_scoring(args.checkpoint, "cpu")  # a bad checkpoint fails here, not in K tasks
+        plan = array_plan(parts_dir, inputs, args.tasks, model_digest(lm.model))
         options = ScoreOptions(batch_size=args.batch_size, workers=max(args.cpus_per_task - 1, 0), sex=args.sex,
                                progress=True)
     except (ValueError, OSError) as exc:

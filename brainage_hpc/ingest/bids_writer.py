@@ -53,12 +53,15 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_bids(out: str | Path, scans: Sequence[BidsScan], name: str = "synthetic") -> Path:
+def write_bids(out: str | Path, scans: Sequence[BidsScan], name: str = "synthetic", move: bool = False) -> Path:
     """Write ``scans`` as a BIDS dataset in ``out`` and return ``out``.
 
     ``participants.tsv`` gets one row per participant (age of the first session,
     sex, site); participants with sessions also get ``sub-<p>/sub-<p>_sessions.tsv``
     with the age at every session, as longitudinal BIDS datasets do.
+
+    With ``move``, the source files are renamed into the tree instead of copied
+    (they must be on the same file system).
 
     Raises:
         ValueError: a participant has two sexes or sites, or a scan appears twice.
@@ -81,9 +84,12 @@ def write_bids(out: str | Path, scans: Sequence[BidsScan], name: str = "syntheti
             anat.mkdir(parents=True, exist_ok=True)
             suffix = ".nii.gz" if s.source.endswith(".gz") else ".nii"
             target = anat / f"{stem}_T1w{suffix}"
-            tmp = target.with_name(f".{target.name}.tmp")
-            shutil.copyfile(s.source, tmp)
-            os.replace(tmp, target)
+            if move:
+                os.replace(s.source, target)
+            else:
+                tmp = target.with_name(f".{target.name}.tmp")
+                shutil.copyfile(s.source, tmp)
+                os.replace(tmp, target)
         if ss[0].session is not None:
             lines = ["session_id\tage"] + [f"ses-{s.session}\t{_fmt(s.age)}" for s in ss]
             _write_text(out / f"sub-{part}" / f"sub-{part}_sessions.tsv", "\n".join(lines) + "\n")

@@ -77,10 +77,13 @@ def fit_landmarks(plan: dict[str, Any], out: Path, pool: WorkerPool) -> dict[str
 # ----------------------------------------------------------------------------- workers
 
 
-def _init_worker() -> None:
+def _init_worker(threads: int = 1) -> None:
+    import os
+
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)  # deepbet (raw pipeline)
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)  # ANTs N4 and registration
     import monai.transforms  # noqa: F401  (imported once per worker, not per subject)
 
 
@@ -124,8 +127,9 @@ def _percentile_job(job: tuple[str, str, Any]) -> tuple[str, np.ndarray | None, 
 class WorkerPool:
     """In-order map over a bounded window of jobs: in-process for 1 worker, else a process pool."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, threads: int = 1) -> None:
         self.workers = workers
+        self.threads = threads
         self._executor: Any = None
         self._threads: int | None = None
 
@@ -140,11 +144,13 @@ class WorkerPool:
             if method == "fork":
                 import monai.transforms  # noqa: F401  (import once here; forked workers inherit it)
             ctx = multiprocessing.get_context(method)
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
+            self._executor = ProcessPoolExecutor(
+                self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self.threads,)
+            )
             self._executor.submit(int).result()  # start (fork) the workers now, before tqdm starts a thread
         else:
             self._threads = torch.get_num_threads()
-            torch.set_num_threads(1)
+            _init_worker(self.threads)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -311,7 +317,9 @@ def merge_shards(out: str | Path, max_fail_fraction: float = 0.1, known_hashes: 
     """
     from brainage_hpc import __version__
     from brainage_hpc.data.shards import FAILURES_NAME, FORMAT_VERSION, MANIFEST_NAME
+    from brainage_hpc.ingest.fingerprint import preprocessing_fingerprint
     from brainage_hpc.ingest.preprocess import PreprocessConfig, reference_affine
+    from brainage_hpc.ingest.qc import ROBUST_Z_MAX, flag_outliers
     from brainage_hpc.ingest.shard_writer import read_partial, write_failures, write_json
 
     out = Path(out)
@@ -368,10 +376,17 @@ def merge_shards(out: str | Path, max_fail_fraction: float = 0.1, known_hashes: 
         "n_subjects": len(subjects),
         "n_failures": len(failures),
         "source": plan["source"],
+        "fingerprint": preprocessing_fingerprint(plan["preprocess"]),
+        "qc_outliers": flag_outliers({sid: rec.get("qc") or {} for sid, rec in subjects.items()}),
     }
     write_json(out / MANIFEST_NAME, manifest)
     print(
         f"preprocess: {len(subjects)} subjects in {len(shards)} shards, {len(failures)} failed "
         f"(see {FAILURES_NAME}) -> {out / MANIFEST_NAME}"
     )
+    outliers = manifest["qc_outliers"]
+    if outliers:
+        print(f"QC outliers ({len(outliers)}, robust z beyond {ROBUST_Z_MAX}; look at them: brainage qc {out}):")
+        for sid, reasons in outliers.items():
+            print(f"  {sid}: {'; '.join(reasons)}")
     return 0

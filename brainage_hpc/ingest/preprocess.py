@@ -281,8 +281,12 @@ def check_skullstripped(data: np.ndarray, affine: np.ndarray, name: str) -> dict
     return stats.to_dict()
 
 
-def _geometry(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """RAS reorientation, brain crop and one resampling onto the target grid -> (D, H, W) float32."""
+def _geometry(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig, centre_mm: np.ndarray | None = None) -> np.ndarray:
+    """RAS reorientation, brain crop and one resampling onto the target grid -> (D, H, W) float32.
+
+    ``centre_mm`` fixes the grid centre (raw pipeline: the template's brain, so every
+    registered scan lands on the same MNI grid) instead of the brain bounding box's centre.
+    """
     import torch
     from monai.data import MetaTensor
     from monai.transforms import CropForeground, Orientation, SpatialResample
@@ -291,9 +295,12 @@ def _geometry(data: np.ndarray, affine: np.ndarray, cfg: PreprocessConfig) -> np
     x = Orientation(axcodes="RAS", labels=_RAS_LABELS)(x)
     spacing = np.sqrt((np.asarray(x.affine)[:3, :3] ** 2).sum(axis=0))
     margin = [math.ceil(cfg.crop_margin_mm / s) for s in spacing]
-    x = CropForeground(select_fn=_is_foreground, margin=margin, allow_smaller=True)(x)
-    src = np.asarray(x.affine, dtype=np.float64)
-    centre = src[:3, :3] @ ((np.asarray(x.shape[1:], dtype=float) - 1) / 2) + src[:3, 3]  # mm, RAS
+    if centre_mm is None:
+        x = CropForeground(select_fn=_is_foreground, margin=margin, allow_smaller=True)(x)
+        src = np.asarray(x.affine, dtype=np.float64)
+        centre = src[:3, :3] @ ((np.asarray(x.shape[1:], dtype=float) - 1) / 2) + src[:3, 3]  # mm, RAS
+    else:
+        centre = np.asarray(centre_mm, dtype=np.float64)
     dst = np.diag([cfg.voxel_mm] * 3 + [1.0])
     dst[:3, 3] = centre - cfg.voxel_mm * (np.asarray(cfg.shape, dtype=float) - 1) / 2
     resample = SpatialResample(mode=cfg.interpolation, padding_mode="zeros", dtype=torch.float32)  # type: ignore[arg-type]
@@ -415,13 +422,14 @@ def _brain_on_grid(img: Any, cfg: PreprocessConfig) -> tuple[np.ndarray, dict[st
     data, affine, name = load_volume(img)
     if cfg.pipeline == "raw":
         from brainage_hpc.ingest.raw import raw_to_brain
+        from brainage_hpc.ingest.template import load_template
 
         res = raw_to_brain(data, affine, name, cfg)
-        data, affine, qc, warnings = res.brain, res.affine, res.qc, res.warnings
-    else:
-        qc, warnings = check_skullstripped(data, affine, name), []
-        qc["contrast"] = contrast_index(data[data > 0])
-    return _geometry(data, affine, cfg), qc, warnings, name
+        vol = _geometry(res.brain, res.affine, cfg, centre_mm=load_template().brain_centre_mm)
+        return vol, res.qc, res.warnings, name
+    qc = check_skullstripped(data, affine, name)
+    qc["contrast"] = contrast_index(data[data > 0])
+    return _geometry(data, affine, cfg), qc, [], name
 
 
 def contrast_index(values: np.ndarray) -> float:

@@ -11,4 +11,10 @@ Light on purpose: nothing here imports torch, so the sbatch scripts can call
 - :mod:`~brainage_hpc.launching.sweep`: sweep grids, run-folder names, job arrays.
 """
 
+import os
+
+# submitit reads its preemption signal when first imported; the trainer and the sbatch
+# scripts use USR1. Set it here, before any module of this package imports submitit.
+os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
+
 __all__: list[str] = []

@@ -50,11 +50,12 @@ def time_limit_warning(lc: LaunchConfig) -> str | None:
 def srun_wait_s(cfg: RunConfig) -> int | None:
     """``srun --wait``: once one rank has ended, kill the rest this many seconds later.
 
-    A dead rank then frees the allocation after the process-group timeout
-    (``train.dist_timeout_s``) plus a minute, even where a collective would hang.
+    A hung rank then frees the allocation after the process-group timeout
+    (``train.dist_timeout_s``) plus as much again (at most a minute) for the other
+    ranks to notice and leave, even where a collective would hang forever.
     """
-    timeout = getattr(cfg.train, "dist_timeout_s", None)
-    return int(timeout) + 60 if isinstance(timeout, (int, float)) and timeout > 0 else None
+    timeout = int(cfg.train.dist_timeout_s)
+    return timeout + min(timeout, 60) if timeout > 0 else None
 
 
 def build_executor(cfg: RunConfig, folder: Path, executor: str) -> submitit.AutoExecutor:

@@ -42,7 +42,9 @@ class SweepPoint:
 
 def _split_top_level(text: str) -> list[str]:
     """Split on commas outside brackets/braces/quotes: ``[32,32],[64,64]`` -> two values."""
-    parts, depth, quote, current = [], 0, "", []
+    parts: list[str] = []
+    current: list[str] = []
+    depth, quote = 0, ""
     for ch in text:
         if quote:
             quote = "" if ch == quote else quote
@@ -114,7 +116,8 @@ def expand_grid(axes: list[tuple[str, list[str]]]) -> list[SweepPoint]:
     dup = {k for k in keys if keys.count(k) > 1}
     if dup:
         raise ConfigError(f"--sweep: {', '.join(sorted(dup))} given twice; list all its values in one --sweep")
-    points, names = [], {}
+    points: list[SweepPoint] = []
+    names: dict[str, int] = {}
     for index, combo in enumerate(itertools.product(*(values for _, values in axes))):
         overrides = tuple(f"{k}={v}" for k, v in zip(keys, combo))
         name = ",".join(f"{_label(k, keys)}={_UNSAFE.sub('_', v).strip('_') or '_'}" for k, v in zip(keys, combo))

@@ -79,18 +79,20 @@ def _collect(job: submitit.Job, run_dir: Path) -> JobOutcome:
 
 
 def wait_for_jobs(
-    jobs: list[submitit.Job], run_dirs: list[Path], executor: str, poll_s: float = 3.0, out: TextIO = sys.stdout
+    jobs: list[submitit.Job], run_dirs: list[Path], executor: str, poll_s: float = 3.0,
+    progress_every_s: float = 30.0, out: TextIO = sys.stdout,
 ) -> list[JobOutcome]:
     """Wait until every job has a result or has ended without one; print progress as it changes.
 
-    Progress comes from each run's ``metrics.jsonl`` (``step 12/40``); the state from
-    ``scontrol``. A job that SLURM ended without a result file (cancelled, killed,
-    node failure) is reported with its state and stderr path instead of hanging.
+    Progress comes from each run's ``metrics.jsonl`` (``job 123 RUNNING step 12/40``, at
+    most every ``progress_every_s`` and at every state change); the state from ``scontrol``.
+    A job that SLURM ended without a result file (cancelled, killed, node failure) is
+    reported with its state and stderr path instead of hanging.
     """
     quiet_sacct_warnings()
     pending = dict(enumerate(jobs))
     outcomes: dict[int, JobOutcome] = {}
-    shown: dict[int, str] = {}
+    shown: dict[int, tuple[str, str, float]] = {}
     gone_since: dict[int, float] = {}
     while pending:
         for i, job in list(pending.items()):
@@ -99,9 +101,12 @@ def wait_for_jobs(
             else:
                 finished = _has_results(job)
             state = None if executor == "local" or finished else slurm_state(job.job_id)
-            line = f"job {job.job_id} {state or ('DONE' if finished else 'RUNNING')} {run_status(run_dirs[i]).progress_text()}"
-            if line != shown.get(i):
-                shown[i] = line
+            shown_state = state or ("DONE" if finished else "RUNNING")
+            line = f"job {job.job_id} {shown_state} {run_status(run_dirs[i]).progress_text()}"
+            last_state, last_line, last_time = shown.get(i, ("", "", 0.0))
+            # a new state at once; a new step at most every progress_every_s
+            if shown_state != last_state or (line != last_line and time.monotonic() - last_time >= progress_every_s):
+                shown[i] = (shown_state, line, time.monotonic())
                 print(line, file=out, flush=True)
             if finished:
                 outcomes[i] = _collect(job, run_dirs[i])

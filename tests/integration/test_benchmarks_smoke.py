@@ -31,14 +31,23 @@ SMOKE: dict[str, list[str]] = {
     "ddp_scaling": DDP_SHAPE,
     "amp": ["--configs", "cnn_demo"],
     "exit_stress": ["--runs", "2"],
+    "raw_pipeline": [],
     "gpu": ["--device", "cpu", "--models", "cnn3d", "--cnn-shape", "96", "96", "96", "--loader-config", "cnn_demo",
             "--loader-shape", "48", "56", "48", "--loader-voxel-mm", "3", "--loader-subjects", "16", "--loader-batch", "4",
             "--loader-steps", "4", "--workers", "0", "--threads", "1"],
 }
 
 
+# benchmarks whose --quick run is asserted by a test of their own (not run twice)
+SMOKE_ELSEWHERE: dict[str, str] = {
+    "faults": "tests/reliability/test_faults_benchmark.py",
+}
+
+
 def test_every_benchmark_has_a_smoke_run() -> None:
-    assert sorted(SMOKE) == sorted(BENCHMARKS)
+    assert sorted([*SMOKE, *SMOKE_ELSEWHERE]) == sorted(BENCHMARKS)
+    for path in SMOKE_ELSEWHERE.values():
+        assert (REPO / path).is_file(), path
 
 
 @pytest.mark.parametrize("name", list(SMOKE))

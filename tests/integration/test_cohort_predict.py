@@ -18,7 +18,7 @@ import pytest
 from brainage_hpc.cli import main
 from brainage_hpc.evaluation.parts import parts_dir_for, read_records
 from tests import predict_fixtures
-from tests.predict_fixtures import make_scans
+from tests.predict_fixtures import make_scans, subject_scans
 
 # fixtures of tests/predict_fixtures.py used here
 scan_dir = predict_fixtures.scan_dir
@@ -79,6 +79,25 @@ def test_rerun_skips_scored_scans_and_rescores_changed_ones(tmp_path, tiny_model
     counts = _ok_counts(out)
     assert counts[str(changed)] == 2 and sum(counts.values()) == 8
     assert len(pd.read_csv(out)) == 7
+
+
+def test_rerun_with_other_weights_scores_everything_again(tmp_path, tiny_model, scan_dir, capsys):
+    from tests.predict_fixtures import make_model_bundle
+
+    out = tmp_path / "pred.csv"
+    assert _predict(tiny_model, [scan_dir], out) == 0
+    first = pd.read_csv(out)["pred_age"].to_numpy()
+    other = make_model_bundle(tmp_path / "other" / "model.pt", seed=7, spread=30.0)
+    capsys.readouterr()
+    assert _predict(other, [scan_dir], out) == 0
+    assert "already scored" not in capsys.readouterr().err
+    second = pd.read_csv(out)["pred_age"].to_numpy()
+    assert np.abs(second - first).max() > 0.1  # the new model's ages, not the old ones reused
+    assert len({r["model"] for r in _scan_records(out)}) == 2
+    # an array run refuses a folder planned with other weights
+    assert _predict(tiny_model, [scan_dir], tmp_path / "arr.csv", "--tasks", "2", "--task-id", "0") == 0
+    assert _predict(other, [scan_dir], tmp_path / "arr.csv", "--tasks", "2", "--task-id", "1") == 2
+    assert "scored with other weights" in capsys.readouterr().err
 
 
 def test_kill_9_mid_run_loses_only_the_scans_in_flight(tmp_path, tiny_model, synth_subjects):
@@ -219,7 +238,7 @@ def test_docstring_examples():
 def test_bids_root_with_sessions_gives_one_row_per_session(tmp_path, tiny_model, synth_subjects):
     from brainage_hpc.ingest.bids_writer import BidsScan, write_bids
 
-    src = sorted(synth_subjects.rglob("*.nii.gz"))
+    src = subject_scans(synth_subjects)
     scans = [BidsScan(f"{p}{i}", ses, str(src[(2 * i + j) % len(src)]), 30.0 + i + 2 * j, "MF"[i % 2], f"site{p}")
              for p in "ab" for i in range(2) for j, ses in enumerate(("1", "2"))]
     root = write_bids(tmp_path / "bids", scans)

@@ -182,7 +182,10 @@ def test_submitit_checkpointable_preemption_requeue(slurm_cluster, slurm_jobs, t
     # timeout_min must be large: submitit calls any signal before
     # min(0.8*timeout, timeout-10min) a "preemption", after it a "timeout";
     # with timeout_min < 10 every signal counts as a timeout (max_num_timeout).
-    ex.update_parameters(slurm_partition=slurm_cluster.partition, nodes=2, tasks_per_node=1, timeout_min=60)
+    # The job's submitit must listen to the signal we send: pin it (another module of this
+    # process, e.g. brainage_hpc.launch, may have set SUBMITIT_PREEMPT_SIGNAL after submitit's import).
+    ex.update_parameters(slurm_partition=slurm_cluster.partition, nodes=2, tasks_per_node=1, timeout_min=60,
+                         slurm_setup=[f"export SUBMITIT_PREEMPT_SIGNAL={sig}"])
     job = ex.submit(Resumable(marker))
     slurm_jobs.append(job.job_id)
     wait_for(lambda: marker.exists() and marker.read_text().count("run=1") == 2, 30, "both ranks to start")

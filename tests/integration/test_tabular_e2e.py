@@ -5,8 +5,9 @@ shared with the other integration tests, so this module adds seconds, not
 minutes). It checks that
 
 * the fast table-only replica the unit tests use (tests/unit/test_tabular.py,
-  200 subjects, where the acceptance metrics are asserted) reproduces the real
-  generator's CSVs value by value;
+  200 subjects, where the acceptance metrics are asserted) has the real cohort's
+  CSVs and columns, and the real table, measured from the volumes, tracks its
+  noise-free values without copying them;
 * the command runs on the real cohort and beats the baseline;
 * with ``--manifest`` the tabular model uses exactly the shards' splits.
 """
@@ -31,13 +32,18 @@ def _cohort_size_and_seed(cohort: Path) -> tuple[int, int]:
     return int(cfg["n_subjects"]), int(cfg["seed"])
 
 
-def test_fast_replica_matches_the_generator(synthetic_cohort: Path, tmp_path: Path) -> None:
+def test_measured_table_tracks_the_generator(synthetic_cohort: Path, tmp_path: Path) -> None:
+    """freesurfer.csv is measured from the volumes: close to the generator's truth, never equal to it."""
+    from scipy import stats
+
     n, seed = _cohort_size_and_seed(synthetic_cohort)
     fast_dir = write_fast_tables(tmp_path, n, seed=seed)
     real = pd.read_csv(synthetic_cohort / "freesurfer.csv", dtype={"Subject": str})
     fast = pd.read_csv(fast_dir / "freesurfer.csv", dtype={"Subject": str})
-    assert list(real.columns) == list(fast.columns)
-    pd.testing.assert_frame_equal(real, fast, rtol=1e-6)
+    assert list(real.columns) == list(fast.columns) and real["Subject"].tolist() == fast["Subject"].tolist()
+    for col in ("IntraCranial_Vol", "LatVent_Vol", "TotalGray_Vol"):
+        assert stats.spearmanr(real[col], fast[col]).statistic > 0.5, col  # measured: 0.68 for LatVent_Vol
+        assert not np.allclose(real[col], fast[col], rtol=1e-3), col
     for name in ("unrestricted.csv", "restricted.csv"):
         assert (synthetic_cohort / name).read_text() == (fast_dir / name).read_text()
 

@@ -250,7 +250,7 @@ def test_T3_disk_full_during_a_checkpoint_keeps_earlier_ones(tiny_shards, tmp_pa
         code, err = train_cli(run, ov(tiny_shards, "train.max_steps=8"), capsys=capsys)
         assert code == 1
         lines = one_line_error(err)
-        assert len(lines) == 1 and "No space left on device" in lines[0], err
+        assert len(lines) == 1 and "No space left on device" in lines[0] and "ckpt-step00000006.pt" in lines[0], err
         assert {p.name: p.read_bytes() for p in run.glob("ckpt-step*.pt")} == before
         assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
         assert torch.load(_ckpt(run, 4), weights_only=True)["step"] == 4

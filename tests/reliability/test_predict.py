@@ -11,7 +11,7 @@ import pytest
 
 from brainage_hpc.cli import main
 from tests import predict_fixtures
-from tests.predict_fixtures import make_scans, write_volume
+from tests.predict_fixtures import make_scans, subject_scans, write_volume
 
 # fixtures of tests/predict_fixtures.py used here
 synth_subjects = predict_fixtures.synth_subjects
@@ -80,6 +80,36 @@ def test_T5_any_exception_for_one_file_is_that_files_error(tmp_path, tiny_model,
     assert df["pred_age"].notna().tolist() == [True, False, False, True, True, True]
 
 
+def test_T5_a_scan_that_kills_its_worker_is_that_scans_error(tmp_path, tiny_model, synth_subjects, monkeypatch, capsys):
+    """A segfault or the OOM killer in a preprocessing process: that scan's error row, the others scored once."""
+    import os
+    import signal
+
+    import brainage_hpc.evaluation.scan_input as scan_input
+
+    files = make_scans(tmp_path / "in", 8, synth_subjects)
+    real_prepare = scan_input.prepare_scan
+
+    def deadly_prepare(path, pcfg):
+        if str(path) == str(files[3]):
+            os.kill(os.getpid(), signal.SIGKILL)  # runs in the forked worker
+        return real_prepare(path, pcfg)
+
+    monkeypatch.setattr(scan_input, "prepare_scan", deadly_prepare)
+    out = tmp_path / "pred.csv"
+    rc = main(["predict", "--checkpoint", str(tiny_model), "--input", *map(str, files), "--out", str(out),
+               "--workers", "2", "--batch-size", "2", "--no-progress"])
+    assert rc == 1 and "Traceback" not in capsys.readouterr().err
+    df = pd.read_csv(out)
+    assert df["file"].tolist() == [str(f) for f in files]
+    assert df["pred_age"].notna().tolist() == [True, True, True, False, True, True, True, True]
+    assert df["error"][3].startswith(f"{files[3]}: the preprocessing process died while preparing it")
+    from brainage_hpc.evaluation.parts import parts_dir_for, read_records
+
+    recs = [r for p in parts_dir_for(out).glob("part-*.jsonl") for r in read_records(p)[0] if r["kind"] == "scan"]
+    assert sorted(r["file"] for r in recs) == sorted(map(str, files))  # each scan recorded exactly once
+
+
 def _implausible_volumes(folder: Path, synth_subjects: Path) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,7 +117,7 @@ def _implausible_volumes(folder: Path, synth_subjects: Path) -> dict[str, Path]:
     box[10:70, 10:86, 10:70] = 500 + 50 * rng.standard_normal((60, 76, 60))
     yy, xx, zz = np.mgrid[:32, :32, :32]
     ellipsoid = ((((xx - 15.5) / 14) ** 2 + ((yy - 15.5) / 15) ** 2 + ((zz - 15.5) / 13) ** 2) <= 1).astype(np.float32)
-    real = nib.load(next(synth_subjects.rglob("*.nii.gz")))
+    real = nib.load(subject_scans(synth_subjects)[0])
     out = {
         "noise cube 60^3": write_volume(folder / "noise.nii.gz", rng.random((60, 60, 60)) * 1000, 1.0),
         "box phantom": write_volume(folder / "box.nii.gz", box, 2.0),

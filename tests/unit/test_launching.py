@@ -92,7 +92,8 @@ def test_sweep_file(tmp_path):
 
 def test_dry_run_three_by_three_is_one_array_with_parallelism():
     out = subprocess.run(
-        [sys.executable, "-m", "brainage_hpc.launch", "--config", "cnn_hcp", "--sweep", "train.lr=1e-3,3e-4,1e-4",
+        [sys.executable, "-m", "brainage_hpc.launch", "--config", "cnn_hcp", "--nodes", "2", "--gpus-per-node", "4",
+         "--sweep", "train.lr=1e-3,3e-4,1e-4",
          "--sweep", "train.seed=0,1,2", "--max-parallel", "3", "--qos", "high", "--mem", "64G", "--constraint", "a100",
          "--exclude", "gpu[03-04]", "--mail-type", "END,FAIL", "--mail-user", "me@example.org", "--run-dir", "/tmp/sweepx",
          "--dry-run"],
@@ -103,14 +104,16 @@ def test_dry_run_three_by_three_is_one_array_with_parallelism():
     assert s.count("\n  [") == 9 and "[8] lr=1e-4,seed=2: train.lr=1e-4 train.seed=2" in s
     for line in ("#SBATCH --array=0-8%3", "#SBATCH --qos=high", "#SBATCH --mem=64GB", "#SBATCH --constraint=a100",
                  "#SBATCH --exclude='gpu[03-04]'", "#SBATCH --mail-type=END,FAIL", "#SBATCH --mail-user=me@example.org",
-                 "#SBATCH --requeue", "#SBATCH --signal=USR1@120"):
+                 "#SBATCH --requeue", "#SBATCH --signal=USR1@120", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4"):
         assert line in s, line
 
 
 def test_dry_run_single_run_has_no_array(tmp_path):
-    cfg = load_config("cnn_demo", ["launch.array_parallelism=2"])
+    cfg = load_config("cnn_demo", ["launch.array_parallelism=2", "train.dist_timeout_s=30"])
     text = dry_run_script(cfg, tmp_path / "submitit" / "%j")
     assert "--array" not in text and "#SBATCH --requeue" in text
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert "--wait=60" in srun  # a hung rank: the others end 30 s after the 30 s process-group timeout
 
 
 def test_mem_parsing():
@@ -141,6 +144,16 @@ def test_launch_bad_sweep_value_fails_before_submitting(tmp_path):
                           "--run-dir", str(tmp_path / "s")], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 2 and out.stderr.startswith("launch: error:") and "train.lr" in out.stderr, out.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_launch_unusable_run_dir_is_one_line(tmp_path, sweep):
+    (tmp_path / "file").write_text("x")
+    cmd = [sys.executable, "-m", "brainage_hpc.launch", "--config", "cnn_demo", "--run-dir", str(tmp_path / "file" / "r")]
+    out = subprocess.run(cmd + (["--sweep", "train.seed=0,1"] if sweep else []), capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("launch: error:") and "is not a folder" in out.stderr and "Traceback" not in out.stderr
 
 
 # ----------------------------------------------------------------------------- run status / requeue guard
