@@ -120,8 +120,10 @@ def _readme_block(results_dir: Path) -> str:
         load = r.get("load") or {}
         when = str(r.get("date", ""))[:10] + (" (noisy machine)" if load.get("noisy") else "")
         heads = _ratios(r)
-        if not heads:  # e.g. the GPU benchmark without a GPU: its status row
-            rows.append([f"`{name}`", str(r["table"]["rows"][0][0]) if r["table"]["rows"] else "", "", when])
+        if not heads:  # a one-column status table (the GPU benchmark without a GPU) says it; else the title
+            table = r.get("table") or {}
+            status = len(table.get("headers", [])) == 1 and table.get("rows")
+            rows.append([f"`{name}`", str(table["rows"][0][0]) if status else r.get("title", name), "", when])
         for x in heads:
             verdict = {True: "met", False: "NOT met", None: ""}[x.get("met")]
             rows.append([f"`{name}`", x["text"].rsplit(": ", 1)[0] if verdict else x["text"], verdict, when])
