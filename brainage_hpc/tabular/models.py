@@ -334,6 +334,7 @@ def search_on_validation(
         candidates += list(sampler)
     elif n_iter and not len(y_val):
         log.warning("no validation subjects: hyper-parameter search skipped, defaults used")
+    candidates = _fit_leaf_sizes(spec, candidates, len(y_train))
     best: tuple[float, int, Pipeline] | None = None
     trials: list[dict[str, Any]] = []
     score_name = "neg_mae" if n_classes is None else "balanced_accuracy"
@@ -350,6 +351,30 @@ def search_on_validation(
     return SearchResult(
         model=best[2], params=_plain(candidates[best[1]]), score_name=score_name, val_score=best[0], trials=trials
     )
+
+
+def _fit_leaf_sizes(spec: ModelSpec, candidates: list[dict[str, Any]], n_train: int) -> list[dict[str, Any]]:
+    """Cap every ``min_samples_leaf`` at ``n_train // 4`` (at least 1), defaults included.
+
+    Why: with 24 training subjects, HistGradientBoosting's default leaf size of 20
+    allows no split at all, so the "model" is the training mean and ties the
+    baseline exactly, a result that looks like a model and is not one.
+    """
+    cap = max(1, n_train // 4)
+    defaults = spec.pipeline.get_params()
+    keys = [k for k in defaults if k.endswith("min_samples_leaf")]
+    out: list[dict[str, Any]] = []
+    for params in candidates:
+        fixed = dict(params)
+        for key in keys:
+            value = fixed.get(key, defaults[key])
+            if isinstance(value, (int, np.integer)) and value > cap:
+                fixed[key] = cap
+        if fixed not in out:
+            out.append(fixed)
+    if out != candidates:
+        log.info("min_samples_leaf capped at %d for %d training subjects", cap, n_train)
+    return out
 
 
 def _plain(params: dict[str, Any]) -> dict[str, Any]:
