@@ -193,7 +193,23 @@ def load_for_scoring(checkpoint: str, device: str | None) -> tuple[Any, Any]:
     pcfg = PreprocessConfig.from_dict(lm.preprocess)
     if tuple(pcfg.shape) != tuple(lm.shape):
         raise ValueError(f"{lm.source}: preprocessing shape {pcfg.shape} differs from the model's {lm.shape}")
+    warn_fingerprint(lm)
     return lm, pcfg
+
+
+def warn_fingerprint(lm: Any) -> list[str]:
+    """One warning line when this environment would preprocess differently from training (contract 4).
+
+    Scans are still scored (the difference is often harmless, e.g. a patch release), but
+    the user learns it before trusting an age that a changed interpolation may have moved.
+    """
+    from brainage_hpc.ingest.fingerprint import fingerprint_differences
+
+    diffs = fingerprint_differences(lm.fingerprint)
+    if diffs:
+        _say(f"brainage predict: warning: {lm.source}: preprocessing here differs from training: {'; '.join(diffs)}",
+             True)
+    return diffs
 
 
 def run_predict(req: PredictRequest, say: Callable[..., None] = _say) -> int:

@@ -93,3 +93,18 @@ def test_qc_page_and_png(tmp_path):
                          "QC", "note")
     text = page.read_text()
     assert 'class="out"' in text and 'src="a.png"' in text and "OUTLIER" in text
+
+
+def test_predict_warns_once_when_the_fingerprint_differs(capsys):
+    """brainage predict names what differs from training on stderr, in one line, and still scores."""
+    from types import SimpleNamespace
+
+    from brainage_hpc.evaluation.cohort_predict import warn_fingerprint
+
+    fp = preprocessing_fingerprint(PreprocessConfig(shape=(32, 32, 32)).to_dict())
+    assert warn_fingerprint(SimpleNamespace(fingerprint=fp, source="run")) == []
+    assert capsys.readouterr().err == ""
+    old = {**fp, "versions": {**fp["versions"], "monai": "0.1.0"}}
+    assert len(warn_fingerprint(SimpleNamespace(fingerprint=old, source="run/last.pt"))) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run/last.pt" in err and "monai 0.1.0 at training" in err
