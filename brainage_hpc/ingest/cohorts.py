@@ -172,7 +172,8 @@ def detect_kind(path: str | Path) -> Literal["hcp", "bids", "csv", "files"]:
     """Guess the kind of a cohort path.
 
     A ``.csv``/``.tsv`` file is a table; a folder with ``participants.tsv``,
-    ``dataset_description.json`` or ``sub-*`` folders is BIDS; a folder with an
+    ``dataset_description.json`` or ``sub-*`` *folders* is BIDS (a flat folder of
+    ``sub-01_T1w.nii.gz`` files is not: it has no ``anat/``); a folder with an
     ``unrestricted*.csv`` is HCP; any other NIfTI file or folder is ``files``.
 
     Raises:
@@ -184,10 +185,12 @@ def detect_kind(path: str | Path) -> Literal["hcp", "bids", "csv", "files"]:
     if not p.is_dir():
         raise CohortError(f"cohort {path}: no such file or folder")
     try:
-        names = [c.name for c in p.iterdir()]
+        children = list(p.iterdir())
     except OSError as exc:
         raise CohortError(f"cohort {path}: cannot list ({exc.strerror or exc})") from exc
-    if "participants.tsv" in names or "dataset_description.json" in names or any(n.startswith("sub-") for n in names):
+    names = [c.name for c in children]
+    sub_dirs = any(c.name.startswith("sub-") and c.is_dir() for c in children)
+    if "participants.tsv" in names or "dataset_description.json" in names or sub_dirs:
         return "bids"
     if any(n.lower().startswith("unrestricted") and n.lower().endswith(".csv") for n in names):
         return "hcp"

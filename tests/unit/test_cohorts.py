@@ -148,3 +148,15 @@ def test_merged_cohorts_prefix_ids_and_keep_groups_together(bids: Path, tmp_path
         assert where["hcp_100206"] == where["hcp_100307"]  # one family
     with pytest.raises(CohortError, match="both named 'ixi'"):
         read_cohorts([parse_cohort_arg(f"ixi=bids:{bids}"), parse_cohort_arg(f"ixi=bids:{bids}")])
+
+
+def test_flat_folder_of_sub_files_is_files_not_bids(bids: Path, tmp_path: Path):
+    """``sub-01_T1w.nii.gz`` files side by side are a plain folder of scans; ``sub-*`` folders make BIDS."""
+    from brainage_hpc.ingest.cohorts import detect_kind
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "sub-01_T1w.nii.gz").write_bytes(b"")
+    (flat / "sub-02_T1w.nii.gz").write_bytes(b"")
+    assert detect_kind(flat) == "files"
+    assert detect_kind(bids) == "bids"
