@@ -362,6 +362,44 @@ def _replicated_cohort(src: Path, dst: Path, n: int) -> None:
             w.writerows(out_rows)
 
 
+# Code whose change makes a cached data set stale (synthesis and preprocessing).
+_CACHE_SOURCES = ("brainage_hpc/ingest", "brainage_hpc/data/shards.py", "brainage_hpc/data/checksum.py")
+
+
+def cache_stamp() -> str:
+    """sha256 of the code that produced cached data sets (first 16 hex digits)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rel in _CACHE_SOURCES:
+        path = REPO / rel
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(f.relative_to(REPO).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fresh_cache(root: str | Path) -> Path:
+    """``root/<cache_stamp()>``: cached data sets made by the code as it is now.
+
+    Why: a cache keyed by shape alone once served shards of an older format to a
+    benchmark after a format change (a stale-cache failure, not a slow one).
+    Sibling caches of other code versions (marked by ``.brainage-bench-cache``)
+    are removed; nothing else under ``root`` is touched.
+    """
+    root = Path(root)
+    stamp = cache_stamp()
+    if root.is_dir():
+        for old in root.iterdir():
+            if old.name != stamp and (old / ".brainage-bench-cache").is_file():
+                print(f"benchmarks: removing {old} (made by other code)", file=sys.stderr)
+                shutil.rmtree(old, ignore_errors=True)
+    here = root / stamp
+    here.mkdir(parents=True, exist_ok=True)
+    (here / ".brainage-bench-cache").touch()
+    return here
+
+
 def bench_shards(n_subjects: int, shape: Sequence[int], voxel_mm: float, *, unique: int = 8, workers: int = 2,
                  shard_size: int = 32, root: str | Path | None = None) -> Path:
     """A cached shard folder of ``n_subjects`` synthetic subjects, all in the ``train`` split.
@@ -374,8 +412,7 @@ def bench_shards(n_subjects: int, shape: Sequence[int], voxel_mm: float, *, uniq
     Returns:
         The shard folder (holds ``manifest.json``).
     """
-    root = Path(root) if root is not None else BENCH_OUT / "data"
-    root.mkdir(parents=True, exist_ok=True)
+    root = fresh_cache(Path(root) if root is not None else BENCH_OUT / "data")
     dims = "x".join(str(int(s)) for s in shape)
     shards = root / f"shards_n{n_subjects}_{dims}_{voxel_mm:g}mm"
     if (shards / "manifest.json").is_file():

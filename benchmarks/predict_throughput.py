@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, finish, machine_info, make_ratio, make_result, result_path
+from benchmarks.common import REPO, finish, fresh_cache, machine_info, make_ratio, make_result, result_path
 
 __all__ = ["main"]
 
@@ -191,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"  # the preprocessing workers too
-    work = (REPO / args.work) if not Path(args.work).is_absolute() else Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = fresh_cache((REPO / args.work) if not Path(args.work).is_absolute() else Path(args.work))
     machine = machine_info()
     cores = machine.get("cores_usable") or 1
     if args.inputs:
