@@ -27,6 +27,7 @@ from brainage_hpc.data.shards import (
     ShardError,
     ShardMismatchError,
     ShardReader,
+    check_preprocess_hash,
     load_manifest,
     one_line,
     open_shard,
@@ -80,13 +81,7 @@ def _check_one(path: Path, manifest: Manifest, members: list[tuple[int, str]]) -
         version = f.attrs.get("format_version")
         if version != FORMAT_VERSION:
             raise ShardMismatchError(path, f"format_version {version!r}, this version of brainage-hpc reads {FORMAT_VERSION}")
-        found = f.attrs.get("preprocess_hash")
-        if found != manifest.preprocess_hash:
-            raise ShardMismatchError(
-                path,
-                f"preprocess_hash {found!r} differs from the manifest's {manifest.preprocess_hash!r} "
-                f"(shard made with {f.attrs.get('preprocess', '?')}); rerun `brainage preprocess`",
-            )
+        check_preprocess_hash(f, path, manifest)
         img = f["image"]
         stored_shape = tuple(int(s) for s in img.shape[2:])
         if stored_shape != tuple(manifest.shape):

@@ -281,13 +281,7 @@ class ShardReader:
         path = self._path(shard)
         f = open_shard(path)
         try:
-            found = f.attrs.get("preprocess_hash")
-            if found != self.manifest.preprocess_hash:
-                raise ShardMismatchError(
-                    path,
-                    f"preprocess_hash {found!r} differs from the manifest's {self.manifest.preprocess_hash!r} "
-                    f"(shard made with {f.attrs.get('preprocess', '?')}); rerun `brainage preprocess`",
-                )
+            check_preprocess_hash(f, path, self.manifest)
             img = f["image"]
             shape = tuple(int(s) for s in img.shape[2:])
             direct = (
@@ -422,6 +416,21 @@ def one_line(exc: BaseException) -> str:
     """One line of an h5py/OS exception: its message without HDF5's error stack."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def check_preprocess_hash(f: Any, path: Path, manifest: Manifest) -> None:
+    """Refuse a shard written by another preprocessing than its manifest names (one line).
+
+    Raises:
+        ShardMismatchError: the shard's ``preprocess_hash`` attribute differs.
+    """
+    found = f.attrs.get("preprocess_hash")
+    if found != manifest.preprocess_hash:
+        raise ShardMismatchError(
+            path,
+            f"preprocess_hash {found!r} differs from the manifest's {manifest.preprocess_hash!r} "
+            f"(shard made with {f.attrs.get('preprocess', '?')}); rerun `brainage preprocess`",
+        )
 
 
 def open_shard(path: Path) -> Any:
