@@ -252,6 +252,22 @@ class DDPBackend(_TorchBackend):
         return contextlib.nullcontext()
 
 
+def _skip_deepspeed_shm_op() -> None:
+    """On CPU, keep DeepSpeed from JIT-compiling its shared-memory all-reduce op.
+
+    DeepSpeed's comm backend builds ``deepspeed_shm_comm`` (a C++ extension, 1-2 min
+    of compiling on 2 cores, per fresh ``TORCH_EXTENSIONS_DIR``) on every CPU
+    start, but uses it only for ``inference_all_reduce``; training all-reduces go
+    through torch.distributed (gloo). Without the op nothing changes but the start-up.
+    """
+    import importlib
+
+    # importlib, not `import deepspeed.comm.torch as m`: that binds deepspeed.comm's
+    # attribute `torch`, which is PyTorch itself, not DeepSpeed's module of that name.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_torch.build_shm_op = lambda: None
+
+
 def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict[str, Any]:
     """DeepSpeed JSON config generated from TrainConfig, with ``train.deepspeed`` merged on top."""
     ds: dict[str, Any] = {
@@ -299,6 +315,8 @@ class DeepSpeedBackend(Backend):
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[nn.Module, Any]:
         import deepspeed
 
+        if self.device.type == "cpu":
+            _skip_deepspeed_shm_op()
         config = deepspeed_config(self.cfg, self.micro_batch, self.env.world_size)
         log.debug("deepspeed config: %s", json.dumps(config))
         engine, ds_opt, _, ds_sched = deepspeed.initialize(
