@@ -26,7 +26,7 @@ demo: venv
 
 test: venv lint
 	bash slurm/local/maybe_start.sh
-	$(PY) -m pytest $(PYTEST_ARGS)
+	PY=$(PY) bash tests/run_suite.sh $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
