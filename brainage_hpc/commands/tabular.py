@@ -27,6 +27,7 @@ import pandas as pd
 __all__ = ["add_arguments", "run", "run_tabular"]
 
 log = logging.getLogger(__name__)
+MIN_TRAIN = 10  # subjects in the train split below which `tabular` refuses to fit (U6)
 
 _N_CLASSES = {"classify4": 4, "classify2": 2, "regress": None}
 
@@ -126,6 +127,11 @@ def run_tabular(
     X_all = data.features.to_numpy(dtype=float)
     X = {k: X_all[i] for k, i in idx.items()}
     y = {k: y_all[i] for k, i in idx.items()}
+    if len(y["train"]) < MIN_TRAIN or not len(y["test"]):
+        raise TabularDataError(
+            f"{table}: {len(y['train'])} training and {len(y['test'])} test subjects after joining labels; "
+            f"need >= {MIN_TRAIN} and >= 1 (a model of a handful of subjects reports a number, not a result)"
+        )
     if n_classes is not None and len(np.unique(y["train"])) < 2:
         raise TabularDataError(
             f"the train split holds a single class ({int(y['train'][0])}); cannot train a classifier"

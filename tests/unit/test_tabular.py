@@ -439,3 +439,11 @@ def test_two_step_predicts_the_rare_class(detector):
 def test_unknown_model_suggests_a_name():
     with pytest.raises(ValueError, match="Did you mean 'hgb'"):
         build_model("hbg", "regress")
+
+
+def test_U6_a_three_row_table_is_refused(cohort, tmp_path, capsys):
+    """Three subjects leave one to train on: a one-line error, not 'test mae 7.000' and exit 0."""
+    small = _variant(cohort, tmp_path, lambda df: df.drop(df.index[3:], inplace=True))
+    rc = _cli("--table", small, "--hcp-root", cohort, "--task", "regress", "--out", tmp_path / "o")
+    err = capsys.readouterr().err
+    assert rc == 2 and "training" in err and "need >= 10" in err and "Traceback" not in err, err
