@@ -164,10 +164,11 @@ def fit_ood(train_features: np.ndarray, val_features: np.ndarray, layer: str = "
 
 def ood_scores(features: np.ndarray, ood: dict[str, Any]) -> np.ndarray:
     """Mahalanobis distance (N,) of features (N, F) to the training distribution."""
-    x = np.asarray(features, np.float64) - np.asarray(ood["mean"], np.float64)
+    x = np.asarray(features, np.float64)
     prec = np.asarray(ood["precision"], np.float64)
     if x.ndim != 2 or x.shape[1] != prec.shape[0]:
         raise ValueError(f"features have {x.shape[-1]} dimensions, the OOD calibration {prec.shape[0]}")
+    x = x - np.asarray(ood["mean"], np.float64)
     return np.sqrt(np.maximum(np.einsum("nf,fg,ng->n", x, prec, x), 0.0))
 
 
