@@ -7,8 +7,11 @@ phantom, a test scan with 50 % of its voxels replaced by N(0, 1) noise, and a "n
 brain": a smoothed, elongated ellipsoid blob, z-scored like a brain) in the model's input
 space. Writes ``benchmarks/results/trust_calibration.json``.
 
-    nice -n 10 python -m benchmarks.trust_calibration            # ~10 min per preset on 2 busy cores
-    python -m benchmarks.trust_calibration --quick               # smoke run
+    nice -n 10 python -m benchmarks.trust_calibration            # ~5-10 min per preset on 2 busy cores
+
+The first preset also gets a second seed and their 2-seed ensemble (mean age, members'
+spread, intervals normalised by the spread), evaluated on the same test split.
+    python -m benchmarks.trust_calibration --quick --shards S --presets default --no-ensemble --out r.json  # smoke run
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from benchmarks.common import BENCH_OUT, finish, make_ratio, make_result, result
 
 NAME = "trust_calibration"
 PRESETS = ("default", "realistic")
+SPLITS = ("0.5", "0.25", "0.25")  # 40 validation subjects of 160: conformal rank 37, OOD rank 40 (level 0.975)
 
 
 def ood_volumes(example: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
@@ -69,31 +73,56 @@ def ood_kind_scores(run: Path, shards: Path) -> dict[str, Any]:
                 "pred_age": float(out["pred_age"][i])} for i, k in enumerate(vols)}
 
 
-def run_preset(preset: str, work: Path, n_subjects: int, steps: int) -> dict[str, Any]:
-    """Synthesise, preprocess, train, calibrate, evaluate one preset; return its figures."""
+def _train(shards: Path, run: Path, steps: int, seed: int) -> None:
+    from brainage_hpc.config import load_config
+    from brainage_hpc.engine.run import train_main
+
+    if (run / "last.pt").exists():
+        return
+    cfg = load_config("cnn_demo", [
+        f"data.shards={shards}", "data.shape=[32,32,32]", "data.batch_size=8", "data.num_workers=0",
+        "data.pin_memory=false", "data.persistent_workers=false", "data.augment.enabled=false",
+        "model.name=cnn3d", "model.task=regress", "model.params={depth: 2, width: 8, dropout: 0.1}",
+        "train.lr=3e-3", "train.progress=false", "train.warmup_steps=0", "train.schedule=constant",
+        "train.backend=single", "train.precision=32", f"train.max_steps={steps}", "train.epochs=1000", f"train.seed={seed}",
+    ])
+    assert train_main(cfg, run) == 0
+
+
+def run_ensemble(preset: str, work: Path, steps: int) -> dict[str, Any]:
+    """A second seed of the preset's run; the 2-seed ensemble calibrated (normalised intervals) and evaluated."""
     import json
 
     from brainage_hpc.cli import main
-    from brainage_hpc.config import load_config
-    from brainage_hpc.engine.run import train_main
+
+    shards, runs = work / f"{preset}-shards", [work / f"{preset}-run", work / f"{preset}-run-seed1"]
+    _train(shards, runs[1], steps, seed=1)
+    ens = work / f"{preset}-ensemble"
+    ens.mkdir(exist_ok=True)
+    assert main(["calibrate", "--run-dir", *map(str, runs), "--shards", str(shards), "--out", str(ens / "calibration.json")]) == 0
+    assert main(["evaluate", "--checkpoint", *map(str, runs), "--shards", str(shards), "--out", str(ens / "eval-test"),
+                 "--calibration", str(ens / "calibration.json")]) == 0
+    t = json.loads((ens / "eval-test" / "metrics.json").read_text())["trust"]
+    return {"members": [str(r.name) for r in runs], "mae": t["ensemble"]["mae"], "members_mae": t["ensemble"]["members"],
+            "uncorrected": t.get("uncorrected"), "intervals": t.get("intervals"), "ood_test": t.get("ood"),
+            "conformal": (t.get("calibration") or {}).get("conformal")}
+
+
+def run_preset(preset: str, work: Path, n_subjects: int, steps: int, given_shards: Path | None = None) -> dict[str, Any]:
+    """Synthesise, preprocess (or use ``given_shards``, 32^3), train, calibrate, evaluate one preset; return its figures."""
+    import json
+
+    from brainage_hpc.cli import main
     from brainage_hpc.ingest.synthetic import SynthConfig, make_cohort
 
     t0 = time.perf_counter()
-    cohort, shards, run = work / f"{preset}-cohort", work / f"{preset}-shards", work / f"{preset}-run"
+    cohort, shards, run = work / f"{preset}-cohort", given_shards or work / f"{preset}-shards", work / f"{preset}-run"
     if not (shards / "manifest.json").exists():
-        make_cohort(cohort, SynthConfig.preset(preset, n_subjects=n_subjects, seed=7, voxel_mm=3.0), progress=False, workers=2)
+        make_cohort(cohort, SynthConfig.preset(preset, n_subjects=n_subjects, seed=7, voxel_mm=4.0), progress=False, workers=2)
         assert main(["preprocess", "--hcp-root", str(cohort), "--out", str(shards), "--shape", "32", "32", "32",
-                     "--voxel-mm", "5", "--shard-size", "32", "--workers", "2"]) == 0
+                     "--voxel-mm", "5", "--shard-size", "32", "--workers", "2", "--split-fractions", *SPLITS]) == 0
     t_data = time.perf_counter() - t0
-    if not (run / "last.pt").exists():
-        cfg = load_config("cnn_demo", [
-            f"data.shards={shards}", "data.shape=[32,32,32]", "data.batch_size=8", "data.num_workers=0",
-            "data.pin_memory=false", "data.persistent_workers=false", "data.augment.enabled=false",
-            "model.name=cnn3d", "model.task=regress", "model.params={depth: 2, width: 8, dropout: 0.1}",
-            "train.lr=3e-3", "train.progress=false", "train.warmup_steps=0", "train.schedule=constant",
-            "train.backend=single", "train.precision=32", f"train.max_steps={steps}", "train.epochs=1000", "train.seed=0",
-        ])
-        assert train_main(cfg, run) == 0
+    _train(shards, run, steps, seed=0)
     t_train = time.perf_counter() - t0 - t_data
     assert main(["calibrate", "--run-dir", str(run), "--shards", str(shards)]) == 0
     assert main(["evaluate", "--run-dir", str(run), "--shards", str(shards), "--out", str(run / "eval-test")]) == 0
@@ -117,16 +146,20 @@ def _fmt(d: dict[str, Any] | None, key: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny cohort and few steps (smoke run)")
-    ap.add_argument("--subjects", type=int, default=100)
+    ap.add_argument("--subjects", type=int, default=160)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    ap.add_argument("--no-ensemble", action="store_true", help="skip the 2-seed ensemble of the first preset")
+    ap.add_argument("--shards", type=Path, default=None, help="use these 32^3 shards for the first preset (smoke runs)")
+    ap.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/ or bench_out/quick/)")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     n, steps = (40, 10) if args.quick else (args.subjects, args.steps)
-    work = BENCH_OUT / NAME / ("quick" if args.quick else "full")
+    work = (args.out.parent / f"{NAME}-work") if args.out else BENCH_OUT / NAME / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
-    per = {p: run_preset(p, work, n, steps) for p in args.presets}
+    per = {p: run_preset(p, work, n, steps, args.shards if i == 0 else None) for i, p in enumerate(args.presets)}
+    ensemble = None if args.no_ensemble else run_ensemble(args.presets[0], work, steps)
     rows, ratios = [], []
     for p, r in per.items():
         iv, ood = r["intervals"] or {}, r["ood_test"] or {}
@@ -145,19 +178,29 @@ def main(argv: list[str] | None = None) -> int:
                                  1.0, "<=", text=f"{p}: MAE {r['uncorrected']['mae']:.2f} y (corrected "
                                  f"{(r['corrected'] or {}).get('mae', float('nan')):.2f} y) vs predict-the-mean "
                                  f"{r['baseline']['mae']:.2f} y"))
+    extra = []
+    if ensemble:
+        iv = ensemble["intervals"] or {}
+        members = ", ".join(f"member {k} {v:.2f}" for k, v in ensemble["members_mae"].items())
+        extra.append({"title": f"2-seed ensemble ({args.presets[0]} preset), test split",
+                      "headers": ["ensemble MAE", "members' MAE", "coverage (normalised 90 %)", "median width (y)"],
+                      "rows": [[f"{ensemble['mae']:.2f}", members, f"{iv['coverage']:.3f}" if iv else "skipped",
+                                f"{iv['median_width']:.2f}" if iv else "–"]]})
+        ratios.append(make_ratio("ensemble MAE", ensemble["mae"], None,
+                                 text=f"2-seed ensemble ({args.presets[0]}): MAE {ensemble['mae']:.2f} y ({members})"))
     result = make_result(
         NAME, "Trust: bias correction, conformal intervals, OOD flags per synthetic preset", argv if argv is not None else sys.argv[1:],
-        quick=args.quick, config={"subjects": n, "steps": steps, "threads": args.threads, "shape": [32, 32, 32], "voxel_mm": 5,
+        quick=args.quick, config={"subjects": n, "splits": list(SPLITS), "synth_voxel_mm": 4.0, "steps": steps, "threads": args.threads, "shape": [32, 32, 32], "voxel_mm": 5,
                                   "model": "cnn3d depth 2 width 8", "presets": args.presets},
         headers=["preset", "n test", "MAE [95 % CI]", "MAE corrected", "MAE predict-mean", "r", "r corrected",
                  "coverage (90 %)", "median width (y)", "OOD FPR test", "OOD kinds flagged"],
-        rows=rows, ratio=ratios[0] if ratios else None, ratios=ratios, presets=per,
+        rows=rows, ratio=ratios[0] if ratios else None, ratios=ratios, presets=per, ensemble=ensemble, extra_tables=extra,
         notes=["Bias correction: linear regression of predicted on true age on the validation split "
                "(Beheshti 2019; de Lange & Cole 2020). A corrected metric uses the true age, so compare it with predict-the-mean.",
                "OOD kinds: noise cube, box phantom, a test scan with 50 % voxels replaced by N(0,1), an elongated smoothed "
                "ellipsoid blob ('non-human brain'), all in the model's z-scored input space."],
     )
-    return finish(result, result_path(NAME, args.quick))
+    return finish(result, args.out or result_path(NAME, args.quick))
 
 
 if __name__ == "__main__":

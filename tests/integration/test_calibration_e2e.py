@@ -130,3 +130,16 @@ def test_ensemble_of_two_seeds_reports_members_mae_and_refuses_mismatched_member
     assert main(["evaluate", "--checkpoint", str(runs[0]), str(odd), "--shards", str(tiny_shards)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "input shape" in err and "not one ensemble" in err
+
+
+def test_trust_benchmark_quick_run_on_the_tiny_shards(tiny_shards, tmp_path):
+    """benchmarks/trust_calibration.py's smoke run (registered in test_benchmarks_smoke.SMOKE_ELSEWHERE)."""
+    from benchmarks.trust_calibration import main as bench_main
+
+    out = tmp_path / "trust.json"
+    assert bench_main(["--quick", "--shards", str(tiny_shards), "--presets", "default", "--no-ensemble", "--threads", "1",
+                       "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["benchmark"] == "trust_calibration" and r["quick"] is True and len(r["table"]["rows"]) == 1
+    kinds = r["presets"]["default"]["ood_kinds"]
+    assert set(kinds) == {"noise_cube", "box_phantom", "corrupted_50pct", "non_human_blob"}
