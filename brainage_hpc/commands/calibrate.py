@@ -28,14 +28,13 @@ def run(args: argparse.Namespace) -> int:
     from brainage_hpc.evaluation.evaluate import fit_run_calibration
 
     try:
-        lm = load_models(args.run_dir, args.device)
+        lm = load_models(args.run_dir, args.device, use_calibration=False)  # refit, never reuse the old one
         if args.out:
             out = Path(args.out)
         elif len(args.run_dir) == 1 and Path(args.run_dir[0]).is_dir():
             out = Path(args.run_dir[0]) / "calibration.json"
         else:
             raise ConfigError("--out is required to calibrate several runs or a model file")
-        lm.calibration = None  # refit, never reuse the old one
         manifest = load_manifest(args.shards)
         if tuple(manifest.shape) != tuple(lm.shape):
             raise ValueError(f"{manifest.root}: shards have shape {tuple(manifest.shape)}, the model was trained on {lm.shape}")

@@ -93,7 +93,7 @@ def expand_members(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def load_models(paths: Sequence[str | Path], device: str | torch.device | None = None,
-                calibration: str | Path | None = None) -> LoadedModel:
+                calibration: str | Path | None = None, use_calibration: bool = True) -> LoadedModel:
     """One run, or an ensemble of several, as a :class:`LoadedModel`.
 
     Args:
@@ -101,6 +101,7 @@ def load_models(paths: Sequence[str | Path], device: str | torch.device | None =
         device: torch device.
         calibration: a ``calibration.json`` to use instead of the run's (required to calibrate
             an ensemble's predictions, since no run folder holds it).
+        use_calibration: False ignores every calibration (``brainage calibrate`` refits).
 
     Raises:
         FileNotFoundError, ValueError: a missing member, an export as a member, or members that disagree
@@ -114,9 +115,9 @@ def load_models(paths: Sequence[str | Path], device: str | torch.device | None =
     if not members:
         raise ValueError("--checkpoint: no run given")
     if len(members) == 1:
-        lm = load_model(members[0], device)
+        lm = load_model(members[0], device, use_calibration)
     else:
-        loaded = [load_model(m, device) for m in members]
+        loaded = [load_model(m, device, use_calibration=False) for m in members]
         first = loaded[0]
         for m, lm_i in zip(members[1:], loaded[1:]):
             if isinstance(lm_i.model, ExportedModule) or isinstance(first.model, ExportedModule):
@@ -131,9 +132,9 @@ def load_models(paths: Sequence[str | Path], device: str | torch.device | None =
         lm = dataclasses.replace(first, model=module, source=Path(members[0]), calibration=None,
                                  members=[str(m) for m in members])
         sweep_cal = Path(paths[0]) / "calibration.json"
-        if calibration is None and len(paths) == 1 and sweep_cal.is_file():
+        if calibration is None and use_calibration and len(paths) == 1 and sweep_cal.is_file():
             calibration = sweep_cal  # a sweep folder's own ensemble calibration
-    if calibration is not None:
+    if calibration is not None and use_calibration:
         cal: Any = read_calibration(Path(calibration))
         if cal is None:
             raise FileNotFoundError(f"{calibration}: no such calibration file")

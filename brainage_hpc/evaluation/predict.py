@@ -117,12 +117,14 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None) -> LoadedModel:
+def load_model(path: str | Path, device: str | torch.device | None = None, use_calibration: bool = True) -> LoadedModel:
     """Load a run folder (plain or DeepSpeed), an exported ``model.pt``, ``.onnx`` or TorchScript file.
 
     Args:
         path: run folder or checkpoint/model file.
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available (ONNX/TorchScript run on CPU).
+        use_calibration: read and check the run's ``calibration.json``; False ignores it
+            (``brainage calibrate`` refitting a stale one).
 
     Returns:
         The :class:`LoadedModel` in eval mode.
@@ -163,7 +165,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Lo
         from brainage_hpc.ingest.preprocess import PreprocessConfig, reference_affine
 
         affine = reference_affine(PreprocessConfig.from_dict(bundle["preprocess"])) if bundle.get("preprocess") else np.eye(4)
-    calibration = bundle.get("calibration") or read_calibration(path)
+    calibration = (bundle.get("calibration") or read_calibration(path)) if use_calibration else None
     if calibration is not None:
         from brainage_hpc.evaluation.calibration import check_calibration
         from brainage_hpc.evaluation.exported import model_digest

@@ -111,6 +111,8 @@ def test_calibration_faults_are_one_line_errors(trained, tiny_shards, tmp_path, 
     assert main(["evaluate", "--run-dir", str(other), "--shards", str(tiny_shards)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unreadable calibration" in err
+    assert main(["calibrate", "--run-dir", str(other), "--shards", str(tiny_shards)]) == 0  # refits over a stale one
+    assert json.loads((other / "calibration.json").read_text())["format"] == "brainage-calibration"
 
 
 def test_ensemble_of_two_seeds_reports_members_mae_and_refuses_mismatched_members(tiny_shards, tmp_path, capsys):
