@@ -122,3 +122,25 @@ def test_trust_metrics_side_by_side_with_baseline_and_bootstrap_cis():
     assert t["intervals"]["median_width"] == pytest.approx(12.0)
     assert set(t["ensemble"]["members"]) == {"0", "1"}
     assert bootstrap_ci(age, pred) == bootstrap_ci(age, pred)  # seeded
+
+
+@pytest.mark.parametrize("name,params,dim", [
+    ("cnn3d", {"depth": 2, "width": 4}, None),
+    ("sfcn", {"channels": [4, 8, 16, 16]}, 16),
+    ("cvae", {"latent_dim": 8, "channels": [4, 8, 8, 16], "padding": "same", "feature_dim": 32}, 8),
+])
+def test_penultimate_features_leave_the_outputs_unchanged(name, params, dim):
+    import torch
+
+    from brainage_hpc.models.features import forward_with_features, penultimate_module
+    from brainage_hpc.models.registry import get_model_class
+
+    torch.manual_seed(0)
+    model = get_model_class(name)(in_shape=(32, 32, 32), task="regress", **params).eval()
+    batch = {"image": torch.randn(2, 1, 32, 32, 32), "sex": torch.tensor([0.0, 1.0])}
+    with torch.no_grad():
+        plain = model(batch)["pred_age"]
+        out, feats = forward_with_features(model, batch)
+    assert torch.equal(out["pred_age"], plain) and feats.shape[0] == 2 and feats.ndim == 2
+    assert dim is None or feats.shape[1] == dim
+    assert not penultimate_module(model)._forward_hooks  # the hook is removed again
