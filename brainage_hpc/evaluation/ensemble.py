@@ -128,6 +128,8 @@ def load_models(paths: Sequence[str | Path], device: str | torch.device | None =
                 raise ValueError(f"{m}: input shape {lm_i.shape} differs from {members[0]}'s {first.shape}; not one ensemble")
             if first.fingerprint and lm_i.fingerprint and lm_i.fingerprint != first.fingerprint:
                 raise ValueError(f"{m}: preprocessing fingerprint differs from {members[0]}'s; not one ensemble")
+            if first.preprocess and lm_i.preprocess and lm_i.preprocess != first.preprocess:
+                raise ValueError(f"{m}: preprocessing config differs from {members[0]}'s; not one ensemble")
         module = EnsembleModule([x.model for x in loaded]).eval()
         lm = dataclasses.replace(first, model=module, source=Path(members[0]), calibration=None,
                                  members=[str(m) for m in members])
