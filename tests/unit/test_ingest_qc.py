@@ -93,3 +93,10 @@ def test_qc_page_and_png(tmp_path):
                          "QC", "note")
     text = page.read_text()
     assert 'class="out"' in text and 'src="a.png"' in text and "OUTLIER" in text
+
+
+def test_a_box_phantom_fails_only_the_box_fill_check():
+    box = np.zeros((50, 60, 50), bool)
+    box[5:45, 5:55, 5:45] = True  # 160 x 200 x 160 mm at 4 mm: size, volume, fraction and solidity all pass
+    problem = implausibility(brain_stats(box, np.diag([4.0, 4.0, 4.0, 1.0])))
+    assert problem is not None and problem.startswith("foreground fills 100% of its") and "box or phantom" in problem
