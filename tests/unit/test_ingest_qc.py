@@ -97,6 +97,6 @@ def test_qc_page_and_png(tmp_path):
 
 def test_a_box_phantom_fails_only_the_box_fill_check():
     box = np.zeros((50, 60, 50), bool)
-    box[5:45, 5:55, 5:45] = True  # 160 x 200 x 160 mm at 4 mm: size, volume, fraction and solidity all pass
+    box[10:40, 12:47, 10:40] = True  # 120 x 140 x 120 mm at 4 mm, 2016 ml: size, volume, fraction, solidity pass
     problem = implausibility(brain_stats(box, np.diag([4.0, 4.0, 4.0, 1.0])))
     assert problem is not None and problem.startswith("foreground fills 100% of its") and "box or phantom" in problem
