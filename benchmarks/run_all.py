@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, str] = {
     "gpu": "GPU throughput, memory, busy share, data wait, host-device syncs per step (needs a GPU)",
     "raw_pipeline": "raw-scan pipeline CPU s per 1 mm head on one core: N4 / registration / deepbet (target ≤ 30 s)",
     "faults": "fault injection: clean error or correct recovery, silent or destructive 0 (issue 14)",
+    "trust_calibration": "per synthetic preset: MAE/r uncorrected vs bias-corrected vs predict-the-mean (bootstrap CIs), conformal coverage, OOD flags; 2-seed ensemble",
 }
 
 README_BEGIN = "<!-- benchmarks:begin (rendered by `python -m benchmarks.run_all --render-only` from benchmarks/results/*.json; do not edit) -->"

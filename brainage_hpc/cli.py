@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("brainage_hpc.commands.verify", "re-read shards and check checksums, shapes, finiteness"),
     "qc": ("brainage_hpc.commands.qc", "QC page of preprocessed shards: slices, mask contours, template edges, outliers"),
     "train": ("brainage_hpc.commands.train", "train a model (single process, torchrun, or SLURM srun)"),
+    "calibrate": ("brainage_hpc.commands.calibrate", "fit bias correction, conformal intervals and the OOD score (calibration.json)"),
     "evaluate": ("brainage_hpc.commands.evaluate", "metrics, predictions.csv and plots for a trained run"),
     "predict": ("brainage_hpc.commands.predict", "brain age of a cohort of NIfTI scans (resumable; SLURM array tasks; merge)"),
     "gradcam": ("brainage_hpc.commands.gradcam", "3D Grad-CAM maps (NIfTI + PNG overlays)"),

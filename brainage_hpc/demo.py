@@ -70,6 +70,11 @@ def _train(config: str, run_dir: Path, shards: Path, nproc: int, extra: list[str
         raise SystemExit(f"demo: training {config} failed with exit code {rc} (log: {run_dir / 'train.log'})")
 
 
+def _calibrate(run_dir: Path, shards: Path) -> None:
+    """Bias correction, conformal intervals and OOD score of the CNN (run_dir/calibration.json), used by evaluate."""
+    _cli(["calibrate", "--run-dir", str(run_dir), "--shards", str(shards)])
+
+
 def run_demo(out: Path, n_subjects: int = N_SUBJECTS, nproc: int = 2, epochs: int | None = None) -> Path:
     """Run every stage into ``out`` and return the path of report.md."""
     out = out.resolve()
@@ -99,6 +104,7 @@ def run_demo(out: Path, n_subjects: int = N_SUBJECTS, nproc: int = 2, epochs: in
     _done(t0, timings, "train_cvae")
 
     t0 = _stage("5/7 evaluation and Grad-CAM")
+    _calibrate(runs / "cnn", shards)
     for name in ("cnn", "cvae"):
         _cli(["evaluate", "--run-dir", str(runs / name), "--shards", str(shards), "--split", "test", "--out", str(out / f"eval_{name}")])
     _cli(["gradcam", "--run-dir", str(runs / "cnn"), "--shards", str(shards), "--split", "test", "--out", str(out / "gradcam")])

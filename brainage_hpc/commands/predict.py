@@ -18,7 +18,14 @@ def _default_workers() -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", help="run folder, model.pt, model.onnx or TorchScript export (not with --merge)")
+    parser.add_argument("--checkpoint", nargs="+",
+                        help="run folder, model.pt, model.onnx or TorchScript export (not with --merge); several runs "
+                             "or a sweep folder: their ensemble (mean age and an ensemble_sd column)")
+    parser.add_argument("--calibration", default=None,
+                        help="calibration.json to use (default: the run's or sweep folder's; `brainage calibrate` writes it)")
+    parser.add_argument("--bias-correct", action="store_true",
+                        help="add brain_age_corrected and brain_age_gap_corrected for scans whose age is given "
+                             "(the calibration's linear bias correction, fitted on the validation split)")
     parser.add_argument("--input", nargs="+", default=[],
                         help="NIfTI files, folders (searched recursively) and/or CSV/TSV tables "
                              "(columns path, optional subject, session, age, sex, site, cohort, group)")
@@ -55,11 +62,12 @@ def run(args: argparse.Namespace) -> int:
     if args.tasks is not None and not args.out:
         raise ConfigError("array tasks need --out (their parts go to OUT.parts/)")
     try:
-        options = ScoreOptions(batch_size=args.batch_size, workers=args.workers, sex=args.sex, progress=not args.no_progress)
+        options = ScoreOptions(batch_size=args.batch_size, workers=args.workers, sex=args.sex, progress=not args.no_progress,
+                               bias_correct=args.bias_correct)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     request = PredictRequest(
-        checkpoint=args.checkpoint,
+        checkpoint=args.checkpoint[0] if len(args.checkpoint) == 1 else tuple(args.checkpoint),
         inputs=tuple(args.input),
         out=args.out,
         task=args.task_id,
@@ -67,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         options=options,
         device=args.device,
         report=not args.no_report,
+        calibration=args.calibration,
     )
     try:
         return run_predict(request)

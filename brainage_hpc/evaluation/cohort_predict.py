@@ -63,7 +63,8 @@ class PredictRequest:
     """Everything one ``brainage predict`` process does.
 
     Attributes:
-        checkpoint: run folder, ``model.pt``, ``.onnx`` or TorchScript export.
+        checkpoint: run folder, ``model.pt``, ``.onnx`` or TorchScript export; a tuple of several
+            runs (or a sweep folder): their ensemble.
         inputs: NIfTI files, folders, CSV/TSV tables.
         out: output CSV; None = print the results only (parts in a temporary folder).
         task, tasks: this process scores task ``task`` of ``tasks`` (None = a single run).
@@ -72,7 +73,7 @@ class PredictRequest:
         report: write the cohort report next to ``out`` after the merge.
     """
 
-    checkpoint: str
+    checkpoint: str | tuple[str, ...]
     inputs: tuple[str, ...]
     out: str | None = None
     task: int | None = None
@@ -80,6 +81,7 @@ class PredictRequest:
     options: ScoreOptions = field(default_factory=ScoreOptions)
     device: str | None = None
     report: bool = True
+    calibration: str | None = None
 
 
 def _say(msg: str, err: bool = False) -> None:
@@ -178,16 +180,17 @@ def _merge_locked(parts_dir: Path, plan: Plan, out: Path, report: bool, say: Cal
     return summary
 
 
-def load_for_scoring(checkpoint: str, device: str | None) -> tuple[Any, Any]:
-    """The model and its ``PreprocessConfig``, checked to fit each other.
+def load_for_scoring(checkpoint: str | Sequence[str], device: str | None,
+                     calibration: str | None = None) -> tuple[Any, Any]:
+    """The model (or ensemble) and its ``PreprocessConfig``, checked to fit each other.
 
     Raises:
         FileNotFoundError, ValueError: no such checkpoint, not a model, no preprocessing recorded.
     """
-    from brainage_hpc.evaluation.predict import load_model
+    from brainage_hpc.evaluation.ensemble import load_models
     from brainage_hpc.ingest.preprocess import PreprocessConfig
 
-    lm = load_model(checkpoint, device)
+    lm = load_models([checkpoint] if isinstance(checkpoint, str) else list(checkpoint), device, calibration)
     if not lm.preprocess:
         raise ValueError(f"{lm.source}: the run recorded no preprocessing config; cannot prepare NIfTI files")
     pcfg = PreprocessConfig.from_dict(lm.preprocess)
@@ -212,6 +215,19 @@ def warn_fingerprint(lm: Any) -> list[str]:
     return diffs
 
 
+def _scoring_key(lm: Any, options: ScoreOptions) -> str:
+    """The weights' digest, plus the calibration's and --bias-correct when they add columns: records of
+    another model or calibration are scored again, not reused."""
+    import hashlib
+    import json
+
+    key = model_digest(lm.model)
+    if lm.calibration is not None:
+        cal = hashlib.sha256(json.dumps(lm.calibration, sort_keys=True).encode()).hexdigest()[:16]
+        key += f"+cal:{cal}" + ("+bc" if options.bias_correct else "")
+    return key
+
+
 def run_predict(req: PredictRequest, say: Callable[..., None] = _say) -> int:
     """Plan, score this process's share, merge when due. Returns the exit code.
 
@@ -228,7 +244,10 @@ def run_predict(req: PredictRequest, say: Callable[..., None] = _say) -> int:
     if req.task is not None and not 0 <= req.task < req.tasks:
         raise ValueError(f"--task-id {req.task} is outside 0..{req.tasks - 1} for --tasks {req.tasks}")
     out = check_output_file(req.out, "--out") if req.out else None
-    lm, pcfg = load_for_scoring(req.checkpoint, req.device)
+    lm, pcfg = load_for_scoring(req.checkpoint, req.device, req.calibration)
+    if req.options.bias_correct and not (lm.calibration and "alpha" in lm.calibration.get("bias", {})):
+        raise ValueError(f"{lm.source}: --bias-correct needs a calibration with a fitted bias correction "
+                         "(run `brainage calibrate` first)")
     tmp = None
     if out is None:
         tmp = tempfile.mkdtemp(prefix="brainage-predict-")
@@ -239,7 +258,7 @@ def run_predict(req: PredictRequest, say: Callable[..., None] = _say) -> int:
         task = req.task or 0
         # the part's lock first: a second process on the same part stops before it touches the plan
         with PartWriter(parts_dir / part_name(task, req.tasks)) as writer, StopRequest() as stop:
-            model = model_digest(lm.model)
+            model = _scoring_key(lm, req.options)
             plan = _plan_for(req, parts_dir, model)
             done = _scored_keys(parts_dir, model)
             todo = [(i, plan.scans[i]) for i in plan.task_range(task) if _current_key(plan.scans[i].path) not in done]

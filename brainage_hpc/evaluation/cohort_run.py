@@ -50,12 +50,15 @@ class ScoreOptions:
         sex: ``"M"``, ``"F"`` or ``"unknown"`` for scans whose source gives no sex; unknown
             averages the predictions for both.
         progress: show a tqdm bar (scans/s and ETA) on stderr.
+        bias_correct: add ``brain_age_corrected``/``brain_age_gap_corrected`` (calibration's bias
+            correction) for scans whose true age is given.
     """
 
     batch_size: int = 4
     workers: int = 1
     sex: str = "unknown"
     progress: bool = True
+    bias_correct: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -141,12 +144,14 @@ def _sexes(scan: ScanRecord, default: str) -> list[float]:
     return [1.0, 0.0] if default == "unknown" else [1.0 if default == "M" else 0.0]
 
 
-def _combine(lm: Any, out: dict[str, np.ndarray], rows: slice) -> dict[str, Any]:
-    """One scan's prediction from its rows of the batch (one per assumed sex)."""
+def _combine(lm: Any, out: dict[str, np.ndarray], rows: slice, age: float | None = None,
+             bias_correct: bool = False) -> dict[str, Any]:
+    """One scan's prediction from its rows of the batch (one per assumed sex), with the calibrated columns
+    (:func:`~brainage_hpc.evaluation.calibration.apply_calibration`) when the model has a calibration."""
     from brainage_hpc.data.ages import age_to_bin
 
-    age = float(np.mean(out["pred_age"][rows]))
-    if not np.isfinite(age):
+    pred_age = float(np.mean(out["pred_age"][rows]))
+    if not np.isfinite(pred_age):
         raise ValueError("the model gave a non-finite prediction")
     probs = out["probs"][rows].mean(0)  # (K,)
     if lm.n_classes == 4:
@@ -154,12 +159,28 @@ def _combine(lm: Any, out: dict[str, np.ndarray], rows: slice) -> dict[str, Any]
     elif lm.n_classes == 2:
         bin4, class2 = -1, int(probs.argmax())
     else:
-        bin4 = age_to_bin(age)
+        bin4 = age_to_bin(pred_age)
         class2 = int(bin4 >= 2) if bin4 >= 0 else -1
-    return {"pred_age": age, "bin4_pred": bin4, "class2_pred": class2, "probs": [float(p) for p in probs]}
+    pred: dict[str, Any] = {"pred_age": pred_age, "bin4_pred": bin4, "class2_pred": class2,
+                            "probs": [float(p) for p in probs]}
+    sd = None
+    if "member_ages" in out:
+        members = out["member_ages"][rows].mean(0)  # (M,)
+        sd = np.array([float(np.std(members, ddof=1)) if members.size > 1 else 0.0])
+        pred["ensemble_sd"] = float(sd[0])
+    if lm.calibration is not None:
+        from brainage_hpc.evaluation.calibration import apply_calibration
+
+        feats = out.get("features")
+        feats = feats[rows].mean(0, keepdims=True) if feats is not None and feats.shape[1] else None
+        cols = apply_calibration(lm.calibration, np.array([pred_age]), feats, sd,
+                                 None if age is None else np.array([float(age)]), bias_correct)
+        for k, v in cols.items():
+            pred[k] = bool(v[0]) if v.dtype == bool else float(v[0])
+    return pred
 
 
-def _predict_group(lm: Any, items: list[dict[str, Any]], default_sex: str) -> list[dict[str, Any]]:
+def _predict_group(lm: Any, items: list[dict[str, Any]], default_sex: str, bias_correct: bool = False) -> list[dict[str, Any]]:
     from brainage_hpc.evaluation.predict import predict_batch
 
     volumes: list[torch.Tensor] = []
@@ -172,20 +193,21 @@ def _predict_group(lm: Any, items: list[dict[str, Any]], default_sex: str) -> li
         volumes += [it["volume"]] * len(s)
     image = torch.stack(volumes)[:, None]  # (B', 1, D, H, W) float16
     out = predict_batch(lm, image, torch.tensor(sexes))
-    return [_combine(lm, out, span) for span in spans]
+    return [_combine(lm, out, span, it["scan"].age, bias_correct) for it, span in zip(items, spans)]
 
 
-def _predict_items(lm: Any, items: list[dict[str, Any]], default_sex: str) -> list[tuple[dict[str, Any] | None, str | None]]:
+def _predict_items(lm: Any, items: list[dict[str, Any]], default_sex: str,
+                   bias_correct: bool = False) -> list[tuple[dict[str, Any] | None, str | None]]:
     """Predictions for the prepared items, falling back to one at a time when the batch fails."""
     if not items:
         return []
     try:
-        return [(p, None) for p in _predict_group(lm, items, default_sex)]
+        return [(p, None) for p in _predict_group(lm, items, default_sex, bias_correct)]
     except Exception as exc:
         if len(items) == 1:
             return [(None, one_line_error(exc, items[0]["scan"].path))]
         log.debug("batch of %d failed (%s); predicting one scan at a time", len(items), exc)
-        return [r for it in items for r in _predict_items(lm, [it], default_sex)]
+        return [r for it in items for r in _predict_items(lm, [it], default_sex, bias_correct)]
 
 
 def _record(item: dict[str, Any], pred: dict[str, Any] | None, error: str | None, task: int, infer_s: float,
@@ -274,7 +296,7 @@ def score_scans(
     def record(batch: list[dict[str, Any]], done: set[int]) -> None:
         ready = [it for it in batch if it["volume"] is not None]
         t0 = time.perf_counter()
-        results = dict(zip((id(it) for it in ready), _predict_items(lm, ready, opts.sex)))
+        results = dict(zip((id(it) for it in ready), _predict_items(lm, ready, opts.sex, opts.bias_correct)))
         infer_each = (time.perf_counter() - t0) / max(len(ready), 1)
         records = []
         for it in batch:

@@ -47,11 +47,15 @@ DEFAULT_NAMES = {"pt": "model.pt", "onnx": "model.onnx", "torchscript": "model.t
 _META_KEY = "brainage"
 _TS_EXTRA = "brainage.json"
 _EXPORT_VERSION = 1
-_OUTPUT_KEYS = ("pred_age", "logits")
+_OUTPUT_KEYS = ("pred_age", "logits", "features")
 
 
 class _InferenceGraph(nn.Module):
-    """The model as a function of two tensors, for tracing: (image, sex) -> (pred_age?, logits?)."""
+    """The model as a function of two tensors, for tracing: (image, sex) -> (pred_age?, logits?, features?).
+
+    ``features`` (B, F) are the penultimate features (:mod:`brainage_hpc.models.features`),
+    exported so the out-of-distribution score of ``calibration.json`` works on the export too.
+    """
 
     def __init__(self, model: nn.Module, outputs: tuple[str, ...]) -> None:
         super().__init__()
@@ -63,9 +67,14 @@ class _InferenceGraph(nn.Module):
             image: (B, 1, D, H, W) float32, preprocessed as the run's shards.
             sex: (B,) float32, 0 = F, 1 = M.
         Returns:
-            The model outputs named in ``self.outputs``: ``pred_age`` (B,) years, ``logits`` (B, K).
+            The model outputs named in ``self.outputs``: ``pred_age`` (B,) years, ``logits`` (B, K),
+            ``features`` (B, F).
         """
-        out = self.model({"image": image, "sex": sex})
+        from brainage_hpc.models.features import FEATURES_KEY, forward_with_features
+
+        out, feats = forward_with_features(self.model, {"image": image, "sex": sex})
+        if feats is not None:
+            out = {**out, FEATURES_KEY: feats}
         return tuple(out[k].float() for k in self.outputs)
 
 
@@ -106,11 +115,15 @@ def _leaky_for_rrelu(model: nn.Module) -> nn.Module:
 
 
 def _output_keys(model: nn.Module, shape: tuple[int, int, int]) -> tuple[str, ...]:
+    from brainage_hpc.models.features import FEATURES_KEY, forward_with_features
+
     with torch.no_grad():
-        out = model({"image": torch.zeros(1, 1, *shape), "sex": torch.zeros(1)})
+        out, feats = forward_with_features(model, {"image": torch.zeros(1, 1, *shape), "sex": torch.zeros(1)})
+    if feats is not None:
+        out = {**out, FEATURES_KEY: feats}
     keys = tuple(k for k in _OUTPUT_KEYS if k in out)
-    if not keys:
-        raise ValueError(f"the model gives none of {_OUTPUT_KEYS}; nothing to export")
+    if not set(keys) - {"features"}:
+        raise ValueError("the model gives neither pred_age nor logits; nothing to export")
     return keys
 
 

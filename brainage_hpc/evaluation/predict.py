@@ -76,6 +76,7 @@ class LoadedModel:
         device: where the model lives (CPU for ONNX/TorchScript exports).
         fingerprint: preprocessing fingerprint of the training shards (contract 4), when recorded.
         calibration: the run's ``calibration.json`` (contract 7), when present.
+        members: the runs of an ensemble (:mod:`brainage_hpc.evaluation.ensemble`), None for one run.
     """
 
     model: nn.Module
@@ -88,6 +89,7 @@ class LoadedModel:
     device: torch.device
     fingerprint: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
+    members: list[str] | None = None
 
     @property
     def task(self) -> str:
@@ -115,12 +117,14 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None) -> LoadedModel:
+def load_model(path: str | Path, device: str | torch.device | None = None, use_calibration: bool = True) -> LoadedModel:
     """Load a run folder (plain or DeepSpeed), an exported ``model.pt``, ``.onnx`` or TorchScript file.
 
     Args:
         path: run folder or checkpoint/model file.
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available (ONNX/TorchScript run on CPU).
+        use_calibration: read and check the run's ``calibration.json``; False ignores it
+            (``brainage calibrate`` refitting a stale one).
 
     Returns:
         The :class:`LoadedModel` in eval mode.
@@ -161,6 +165,13 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Lo
         from brainage_hpc.ingest.preprocess import PreprocessConfig, reference_affine
 
         affine = reference_affine(PreprocessConfig.from_dict(bundle["preprocess"])) if bundle.get("preprocess") else np.eye(4)
+    calibration = (bundle.get("calibration") or read_calibration(path)) if use_calibration else None
+    if calibration is not None:
+        from brainage_hpc.evaluation.calibration import check_calibration
+        from brainage_hpc.evaluation.exported import model_digest
+
+        where = path / "calibration.json" if path.is_dir() and (path / "calibration.json").exists() else path
+        calibration = check_calibration(calibration, where, model_digest(model))
     return LoadedModel(
         model=model.to(dev).eval(),
         cfg=cfg,
@@ -171,19 +182,20 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Lo
         source=path,
         device=dev,
         fingerprint=bundle.get("fingerprint"),
-        calibration=bundle.get("calibration") or read_calibration(path),
+        calibration=calibration,
     )
 
 
 def read_calibration(path: Path) -> dict[str, Any] | None:
-    """A run folder's ``calibration.json`` (contract 7), or None (also for a file).
+    """A run folder's ``calibration.json`` (contract 7), or None; a ``*.json`` file itself is read too.
 
     Raises:
         ValueError: the file exists but is not readable JSON.
     """
     import json
 
-    target = path / "calibration.json" if path.is_dir() else None
+    path = Path(path)
+    target = path / "calibration.json" if path.is_dir() else (path if path.suffix == ".json" else None)
     if target is None or not target.exists():
         return None
     try:
@@ -228,12 +240,15 @@ def predict_batch(lm: LoadedModel, image: torch.Tensor, sex: torch.Tensor) -> di
 
     Returns:
         ``pred_age`` (B,) years; ``bin4_pred`` (B,) int (-1 where the task gives no 4-class
-        answer); ``class2_pred`` (B,) int; ``probs`` (B, K) float for classifiers, (B, 0) otherwise.
+        answer); ``class2_pred`` (B,) int; ``probs`` (B, K) float for classifiers, (B, 0) otherwise;
+        ``features`` (B, F) penultimate features ((B, 0) when the model gives none); for an
+        ensemble also ``member_ages`` (B, M).
     """
     from brainage_hpc.data.ages import age_to_bin
+    from brainage_hpc.models.features import forward_with_features
 
     batch = {"image": image.to(lm.device, torch.float32), "sex": sex.to(lm.device, torch.float32)}
-    out = lm.model(batch)
+    out, feats = forward_with_features(lm.model, batch)
     n = image.shape[0]
     if lm.n_classes:
         probs = torch.softmax(out["logits"].float(), dim=1).cpu().numpy().astype(np.float64)  # (B, K)
@@ -249,4 +264,8 @@ def predict_batch(lm: LoadedModel, image: torch.Tensor, sex: torch.Tensor) -> di
         age = out["pred_age"].float().cpu().numpy()
         bin4 = np.array([age_to_bin(float(a)) if np.isfinite(a) else -1 for a in age], dtype=np.int64)
         class2 = np.where(bin4 >= 0, (bin4 >= 2).astype(np.int64), -1)
-    return {"pred_age": np.asarray(age, dtype=np.float64), "bin4_pred": bin4, "class2_pred": class2, "probs": probs}
+    result = {"pred_age": np.asarray(age, dtype=np.float64), "bin4_pred": bin4, "class2_pred": class2, "probs": probs,
+              "features": np.zeros((n, 0)) if feats is None else feats.cpu().numpy().astype(np.float64)}
+    if "member_ages" in out:  # an ensemble (evaluation.ensemble): members' ages (B, M)
+        result["member_ages"] = out["member_ages"].float().cpu().numpy().astype(np.float64)
+    return result

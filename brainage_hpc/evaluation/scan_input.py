@@ -5,13 +5,9 @@ This is the only place where ``brainage predict`` prepares a scan: it calls
 ``PreprocessConfig``, so a scan goes through exactly the pipeline the training
 shards went through (skull-stripped or raw), with the same plausibility checks
 (a noise cube, a box phantom or a 32 mm volume is an error, not an age) and the
-same per-scan QC numbers.
-
-One check is added here from those QC numbers, until the ingest checks have it:
-the foreground must not fill more than 85 % of its own bounding box
-(``volume_ml`` / box volume). A brain fills about half of it (an ellipsoid 52 %);
-a box phantom with background around it fills all of it, yet passes the extent,
-volume, field-of-view and solidity checks.
+same per-scan QC numbers. The box-phantom check (foreground filling more than 85 % of
+its bounding box) lives with the others in :mod:`brainage_hpc.ingest.plausibility`;
+:func:`box_fill` stays here for the callers of the QC numbers.
 """
 
 from __future__ import annotations
@@ -20,11 +16,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from brainage_hpc.ingest.prepare import PreparedScan, ScanError, prepare_scan
+from brainage_hpc.ingest.plausibility import BOX_FILL_MAX
+from brainage_hpc.ingest.prepare import PreparedScan, prepare_scan
 
 __all__ = ["BOX_FILL_MAX", "PreparedScan", "box_fill", "one_line_error", "prepare_input"]
-
-BOX_FILL_MAX = 0.85
 
 
 def box_fill(qc: dict[str, float]) -> float | None:
@@ -66,10 +61,4 @@ def prepare_input(path: str | Path, pcfg: Any) -> PreparedScan:
     Raises:
         ScanError: (a ``ValueError``) unreadable, not 3D, implausible brain... one line naming the file.
     """
-    prepared = prepare_scan(path, pcfg)
-    fill = box_fill(prepared.qc)
-    if fill is not None and fill > BOX_FILL_MAX:
-        ext = " x ".join(f"{prepared.qc[f'extent_{a}_mm']:.0f}" for a in "xyz")
-        raise ScanError(f"{path}: foreground fills {fill:.0%} of its {ext} mm bounding box (a brain fills about half): "
-                        "a box or phantom, not a skull-stripped brain")
-    return prepared
+    return prepare_scan(path, pcfg)

@@ -15,7 +15,11 @@ extracted, and name what is wrong:
   brain has background around it);
 * solidity: the fraction of foreground voxels whose 6 neighbours are all
   foreground, at least 0.5 (a brain is a solid object, about 0.85-0.96 here at 1-4 mm;
-  thresholded noise is about 0.02).
+  thresholded noise is about 0.02);
+* box fill: foreground volume / its bounding-box volume at most 0.85 (a brain fills
+  about half of it, an ellipsoid 52 %; a box phantom with background around it fills
+  all of it, yet passes every check above). Moved here from ``evaluation/scan_input.py``
+  so that preprocessing and ``brainage predict`` share one set of checks.
 
 The numbers were measured on nilearn's MNI152 brain, Debian's ``mricron-data``
 single-subject head and brain, and the synthetic cohort (see ``tests/unit/test_plausibility.py``).
@@ -27,12 +31,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["EXTENT_MM", "FOREGROUND_FRACTION_MAX", "SOLIDITY_MIN", "VOLUME_ML", "BrainStats", "brain_stats", "implausibility"]
+__all__ = ["BOX_FILL_MAX", "EXTENT_MM", "FOREGROUND_FRACTION_MAX", "SOLIDITY_MIN", "VOLUME_ML", "BrainStats", "brain_stats",
+           "implausibility"]
 
 EXTENT_MM = (70.0, 220.0)
 VOLUME_ML = (400.0, 2800.0)
 FOREGROUND_FRACTION_MAX = 0.9
 SOLIDITY_MIN = 0.5
+BOX_FILL_MAX = 0.85
 
 
 @dataclass(frozen=True)
@@ -115,4 +121,8 @@ def implausibility(stats: BrainStats, what: str = "brain") -> str | None:
         )
     if stats.solidity < SOLIDITY_MIN:
         return f"foreground is not a solid object (solidity {stats.solidity:.2f} < {SOLIDITY_MIN}; noise or a sparse image?)"
+    box_ml = float(np.prod(stats.extent_mm)) / 1000.0
+    if box_ml > 0 and stats.volume_ml / box_ml > BOX_FILL_MAX:
+        return (f"foreground fills {stats.volume_ml / box_ml:.0%} of its {ext} mm bounding box (a brain fills about half): "
+                "a box or phantom, not a skull-stripped brain")
     return None

@@ -104,6 +104,10 @@ class CNN3d(nn.Module):
         (torch.Size([2]), torch.Size([]))
     """
 
+    #: module whose output are the penultimate features (the head convolution's activation (B, head)); read by
+    #: :func:`brainage_hpc.models.features.forward_with_features` with a forward hook.
+    penultimate = "head_act"
+
     class_ages: Tensor | None
 
     def __init__(

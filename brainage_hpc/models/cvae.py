@@ -132,6 +132,10 @@ class ConditionalVAE3d(nn.Module):
         torch.Size([3, 1, 32, 32, 32])
     """
 
+    #: module whose output are the penultimate features (the encoder's posterior mean (B, Z)); read by
+    #: :func:`brainage_hpc.models.features.forward_with_features` with a forward hook.
+    penultimate = "z_mean"
+
     class_ages: Tensor | None
 
     def __init__(

@@ -90,6 +90,10 @@ class SFCN(nn.Module):
         (torch.Size([2]), torch.Size([2, 20]), ['loss', 'loss/age'])
     """
 
+    #: module whose output are the penultimate features (the global average pool (B, C)); read by
+    #: :func:`brainage_hpc.models.features.forward_with_features` with a forward hook.
+    penultimate = "pool"
+
     class_ages: Tensor | None
     bin_edges: Tensor
     bin_centers: Tensor

@@ -41,6 +41,7 @@ SMOKE: dict[str, list[str]] = {
 # benchmarks whose --quick run is asserted by a test of their own (not run twice)
 SMOKE_ELSEWHERE: dict[str, str] = {
     "faults": "tests/reliability/test_faults_benchmark.py",
+    "trust_calibration": "tests/integration/test_calibration_e2e.py",
 }
 
 

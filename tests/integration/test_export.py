@@ -27,8 +27,18 @@ synth_subjects = predict_fixtures.synth_subjects
 DEMO_SHAPE = (48, 56, 48)
 FINGERPRINT = {"pipeline": "skullstripped", "config": {"shape": list(DEMO_SHAPE)}, "versions": {"nibabel": "5"},
                "template_sha256": None}
-CALIBRATION = {"bias": {"method": "linear (Beheshti 2019)", "slope": 0.8, "intercept": 6.0, "fitted_on": "val", "n": 12},
-               "conformal": {"coverage": 0.9, "q": 4.2, "n_cal": 12, "fitted_on": "val"}}
+
+def _calibration(run: Path) -> dict:
+    """A calibration.json (contract 7) for the run's weights: bias, conformal and OOD fitted on made-up numbers."""
+    from brainage_hpc.evaluation.calibration import fit_calibration
+    from brainage_hpc.evaluation.exported import model_digest
+
+    rng = np.random.default_rng(0)
+    age = rng.uniform(22, 37, 12)
+    lm = load_model(run, "cpu")
+    n_feat = predict_batch(lm, torch.zeros(1, 1, *DEMO_SHAPE), torch.zeros(1))["features"].shape[1]
+    return json.loads(json.dumps(fit_calibration(age, 0.8 * age + 6 + rng.normal(0, 2, 12), rng.normal(size=(200, n_feat)),
+                                                 rng.normal(size=(12, n_feat)), model={"digest": model_digest(lm.model)})))
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +46,9 @@ def demo_like(tmp_path_factory) -> dict[str, Path]:
     """A demo-shaped regression run (with calibration.json) and its ONNX and TorchScript exports."""
     root = tmp_path_factory.mktemp("export")
     run = make_run_dir(root / "run", shape=DEMO_SHAPE, voxel_mm=3.0, params=DEMO_PARAMS, spread=40.0, seed=1)
-    (run / "calibration.json").write_text(json.dumps(CALIBRATION))
-    out = {"run": run}
+    calibration = _calibration(run)
+    (run / "calibration.json").write_text(json.dumps(calibration))
+    out = {"run": run, "calibration": calibration}
     for fmt, name in (("onnx", "model.onnx"), ("torchscript", "model.ts")):
         assert main(["export", "--run-dir", str(run), "--format", fmt, "--out", str(root / name)]) == 0
         out[fmt] = root / name
@@ -45,6 +56,7 @@ def demo_like(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_onnx_and_torchscript_match_pytorch_within_0_01_years(demo_like, synth_subjects, tmp_path, capsys):
+    """Ages within 0.01 y; the calibrated columns (intervals, OOD score from the exported features) agree too."""
     ref = load_model(demo_like["run"], "cpu")
     image = torch.randn(6, 1, *DEMO_SHAPE, generator=torch.Generator().manual_seed(0))
     sex = torch.tensor([0.0, 1.0] * 3)
@@ -60,7 +72,7 @@ def test_onnx_and_torchscript_match_pytorch_within_0_01_years(demo_like, synth_s
         out = tmp_path / f"{name}.csv"
         assert main(["predict", "--checkpoint", str(ckpt), "--input", *map(str, scans), "--out", str(out),
                      "--workers", "0", "--no-progress", "--no-report"]) == 0
-        ages[name] = pd.read_csv(out)["pred_age"].to_numpy()
+        ages[name] = pd.read_csv(out)[["pred_age", "age_lower", "age_upper", "ood_score"]].to_numpy()
     assert np.max(np.abs(ages["onnx"] - ages["torch"])) <= 0.01
     assert np.max(np.abs(ages["torchscript"] - ages["torch"])) <= 0.01
 
@@ -69,17 +81,17 @@ def test_exports_carry_shape_preprocessing_fingerprint_and_calibration(demo_like
     import onnx
 
     meta = json.loads({p.key: p.value for p in onnx.load(str(demo_like["onnx"])).metadata_props}["brainage"])
-    assert meta["input"]["image"] == ["batch", 1, *DEMO_SHAPE] and meta["outputs"] == ["pred_age"]
-    assert meta["preprocess"]["voxel_mm"] == 3.0 and meta["calibration"] == CALIBRATION
+    assert meta["input"]["image"] == ["batch", 1, *DEMO_SHAPE] and meta["outputs"] == ["pred_age", "features"]
+    assert meta["preprocess"]["voxel_mm"] == 3.0 and meta["calibration"] == demo_like["calibration"]
     lm = load_model(demo_like["torchscript"])
-    assert lm.calibration == CALIBRATION and lm.shape == DEMO_SHAPE
+    assert lm.calibration == demo_like["calibration"] and lm.shape == DEMO_SHAPE
 
     bundle = make_model_bundle(tmp_path / "fp" / "model.pt", extra={"fingerprint": FINGERPRINT})
     assert main(["export", "--run-dir", str(bundle), "--format", "onnx", "--out", str(tmp_path / "fp.onnx")]) == 0
     assert load_model(tmp_path / "fp.onnx").fingerprint == FINGERPRINT
 
     assert main(["export", "--run-dir", str(demo_like["run"]), "--out", str(tmp_path / "model.pt")]) == 0
-    assert load_model(tmp_path / "model.pt").calibration == CALIBRATION
+    assert load_model(tmp_path / "model.pt").calibration == demo_like["calibration"]
 
 
 def test_classifier_export_keeps_probabilities(tmp_path):

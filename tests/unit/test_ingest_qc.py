@@ -108,3 +108,10 @@ def test_predict_warns_once_when_the_fingerprint_differs(capsys):
     assert len(warn_fingerprint(SimpleNamespace(fingerprint=old, source="run/last.pt"))) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run/last.pt" in err and "monai 0.1.0 at training" in err
+
+
+def test_a_box_phantom_fails_only_the_box_fill_check():
+    box = np.zeros((50, 60, 50), bool)
+    box[10:40, 12:47, 10:40] = True  # 120 x 140 x 120 mm at 4 mm, 2016 ml: size, volume, fraction, solidity pass
+    problem = implausibility(brain_stats(box, np.diag([4.0, 4.0, 4.0, 1.0])))
+    assert problem is not None and problem.startswith("foreground fills 100% of its") and "box or phantom" in problem
