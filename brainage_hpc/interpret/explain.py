@@ -26,8 +26,12 @@ def faithfulness_table(results: dict[str, dict[str, Any]]) -> list[str]:
     """Markdown table, one row per method."""
     from brainage_hpc.report import markdown_table
 
-    rows = [[m, r.get("enrichment"), r.get("spearman"), r.get("aopc_deletion"), r.get("aopc_insertion"),
-             r.get("aopc_random"), f"{r['n_zero_maps']}/{r['n_subjects']}", r.get("seconds")] for m, r in results.items()]
+    def f(v: Any, fmt: str = ".2f") -> str:
+        return "n/a" if v is None else format(float(v), fmt)
+
+    rows = [[m, f(r.get("enrichment")), f(r.get("spearman")), f(r.get("aopc_deletion")), f(r.get("aopc_insertion")),
+             f(r.get("aopc_random")), f"{r['n_zero_maps']}/{r['n_subjects']}", f(r.get("seconds"), ".0f")]
+            for m, r in results.items()]
     return markdown_table(["method", "enrichment (x chance)", "Spearman rho", "deletion AOPC (y)", "insertion AOPC (y)",
                            "random-order AOPC (y)", "zero maps", "seconds"], rows)
 
@@ -106,8 +110,9 @@ def run_explain(
     for method in methods:
         k = min(n, max(1, occlusion_subjects)) if method == "occlusion" else n
         t0 = time.perf_counter()
-        maps = np.concatenate([attribute(method, lm.model, images[i:i + batch_size], sexes[i:i + batch_size], patch=patch,
-                                         background=background) for i in range(0, k, max(1, batch_size))])
+        bs = max(1, batch_size)
+        maps = np.concatenate([attribute(method, lm.model, images[i:min(i + bs, k)], sexes[i:min(i + bs, k)], patch=patch,
+                                         background=background) for i in range(0, k, bs)])
         seconds = time.perf_counter() - t0
         peak = maps.reshape(k, -1).max(1)
         n_zero = int((peak <= 0).sum())
