@@ -80,7 +80,7 @@ def _classic_gradcam(run: Path, shards: Path, n: int) -> dict[str, float]:
 
 
 def run_preset(preset: str, root: Path, n_subjects: int, epochs: int, methods: list[str], n_explain: int,
-               n_occlusion: int, cvae: bool) -> dict[str, Any]:
+               n_occlusion: int, cvae: bool, patch: int = 6) -> dict[str, Any]:
     from brainage_hpc.interpret.explain import run_explain
 
     cohort, shards, runs = root / "cohort", root / "shards", root / "runs"
@@ -97,7 +97,7 @@ def run_preset(preset: str, root: Path, n_subjects: int, epochs: int, methods: l
     if cvae:
         _train("cvae_demo", shards, runs / "cvae", epochs)
     t_train = time.perf_counter() - t0
-    common = dict(truth="auto", max_subjects=n_explain, occlusion_subjects=n_occlusion, curve_subjects=2, patch=6)
+    common = dict(truth="auto", max_subjects=n_explain, occlusion_subjects=n_occlusion, curve_subjects=2, patch=patch)
     res = run_explain(runs / "cnn", shards, root / "explain_cnn", methods=methods, **common)["methods"]
     if cvae:
         res.update(run_explain(runs / "cvae", shards, root / "explain_cvae", methods=["counterfactual"], **common)["methods"])
@@ -117,7 +117,7 @@ def run_preset(preset: str, root: Path, n_subjects: int, epochs: int, methods: l
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.explain_faithfulness", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 40 subjects, 1 epoch, 2 subjects explained")
+    p.add_argument("--quick", action="store_true", help="smoke run: default preset, 24 subjects, 1 epoch, 2 subjects explained")
     p.add_argument("--presets", nargs="+", default=["default", "realistic"])
     p.add_argument("--n-subjects", type=int, default=120)
     p.add_argument("--epochs", type=int, default=10)
@@ -125,16 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--occlusion-subjects", type=int, default=2)
     p.add_argument("--no-cvae", action="store_true", help="skip the CVAE and its counterfactual maps")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=BENCH_OUT / NAME)
+    p.add_argument("--work", type=Path, default=BENCH_OUT / NAME, help="cohorts, shards, runs (cached between runs)")
+    p.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/, quick: bench_out/quick/)")
     args = p.parse_args(argv)
     set_threads(args.threads)
-    n, ep, k = (40, 1, 2) if args.quick else (args.n_subjects, args.epochs, args.explain_subjects)
+    n, ep, k = (24, 1, 2) if args.quick else (args.n_subjects, args.epochs, args.explain_subjects)
+    presets = ["default"] if args.quick else args.presets
+    patch = 12 if args.quick else 6
     methods = ["gradcam", "occlusion", "ig", "smoothgrad"]
     per: dict[str, Any] = {}
     rows = []
-    for preset in args.presets:
+    for preset in presets:
         t0 = time.perf_counter()
-        r = run_preset(preset, args.out / f"{preset}{'-quick' if args.quick else ''}", n, ep, methods, k, min(args.occlusion_subjects, k), not args.no_cvae)
+        r = run_preset(preset, args.work / f"{preset}{'-quick' if args.quick else ''}", n, ep, methods, k, min(args.occlusion_subjects, k), not args.no_cvae, patch)
         r["seconds_total"] = round(time.perf_counter() - t0, 1)
         per[preset] = r
         c = r["gradcam_classic"]
@@ -163,11 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     result = make_result(
         NAME, "Explanation faithfulness per method on synthetic cohorts (planted age effect)", argv, quick=args.quick,
         config={"n_subjects": n, "epochs": ep, "shape": list(SHAPE), "voxel_mm": 3.0, "explain_subjects": k,
-                "occlusion_subjects": min(args.occlusion_subjects, k), "occlusion_patch": 6, "threads": args.threads},
+                "occlusion_subjects": min(args.occlusion_subjects, k), "occlusion_patch": patch, "threads": args.threads},
         headers=["preset", "method", "enrichment (x)", "Spearman rho", "deletion AOPC (y)", "insertion AOPC (y)", "zero maps", "s"],
         rows=rows, ratio=ratios[0] if ratios else None, ratios=ratios, notes=notes, presets=per,
     )
-    return finish(result, result_path(NAME, args.quick))
+    return finish(result, args.out or result_path(NAME, args.quick))
 
 
 if __name__ == "__main__":
