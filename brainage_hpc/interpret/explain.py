@@ -131,7 +131,8 @@ def run_explain(
         r["curves"] = curves
         save_nifti(group, affine, out_dir / f"{method}-group.nii.gz")
         save_overlay(mean_img, group / max(float(group.max()), 1e-12), out_dir / f"{method}-group.png",
-                     f"{method}: mean of {k} '{split}' maps" + (f", enrichment {r['enrichment']:.1f}x" if "enrichment" in r else ""))
+                     f"{method}: mean of {k} '{split}' maps" + (f", enrichment {r['enrichment']:.1f}x" if "enrichment" in r else ""),
+                     label=f"{method} (normalised)")
         results[method] = r
         log.info("%s: %s", method, {key: v for key, v in r.items() if key != "curves"})
     if truth_map is not None:

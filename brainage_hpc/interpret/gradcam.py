@@ -274,7 +274,7 @@ class GradCAM3d:
         return np.where(peak > 0, arr / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
 
 
-def save_overlay(image: np.ndarray, cam: np.ndarray, path: str | Path, title: str) -> Path:
+def save_overlay(image: np.ndarray, cam: np.ndarray, path: str | Path, title: str, label: str = "Grad-CAM (normalised)") -> Path:
     """PNG of axial, coronal and sagittal slices through the map's peak, map over the image.
 
     Args:
@@ -282,6 +282,7 @@ def save_overlay(image: np.ndarray, cam: np.ndarray, path: str | Path, title: st
         cam: (D, H, W) map in [0, 1].
         path: output PNG.
         title: figure title.
+        label: colour-bar label.
     """
     import matplotlib
 
@@ -298,7 +299,7 @@ def save_overlay(image: np.ndarray, cam: np.ndarray, path: str | Path, title: st
         shown = ax.imshow(np.ma.masked_less(c, 0.05), cmap="jet", origin="lower", vmin=0, vmax=1, alpha=0.5)
         ax.set_title(name)
         ax.axis("off")
-    fig.colorbar(shown, ax=list(axes), shrink=0.8, label="Grad-CAM (normalised)")
+    fig.colorbar(shown, ax=list(axes), shrink=0.8, label=label)
     fig.suptitle(title)
     return save_figure(fig, path)
 
