@@ -143,3 +143,14 @@ def test_deletion_in_map_order_beats_random_order():
     assert good["aopc_deletion"] > 3 * good["aopc_random"] > 0
     assert good["aopc_deletion"] > bad["aopc_deletion"] and good["aopc_insertion"] > bad["aopc_insertion"]
     assert len(good["deletion"]) == 6 and good["deletion"][0] == pytest.approx(0.0)
+
+
+def test_truth_nifti_on_the_shard_grid_is_used_as_is_and_other_grids_need_a_reference(tmp_path):
+    from brainage_hpc.interpret.truth import load_truth_map
+    from brainage_hpc.report import save_nifti
+
+    signed = np.where(_truth() > 0, -2.0, 0.5)
+    path = save_nifti(signed, np.eye(4), tmp_path / "age_effect.nii.gz")
+    np.testing.assert_allclose(load_truth_map(path, (S, S, S), None), np.abs(signed))
+    with pytest.raises(ValueError, match=r"has shape \(16, 16, 16\), the shards \(8, 8, 8\), and there is no reference_brain"):
+        load_truth_map(path, (8, 8, 8), {"shape": [8, 8, 8]})
