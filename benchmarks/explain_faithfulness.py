@@ -36,10 +36,12 @@ def _cli(args: list[str]) -> None:
 
 
 def _train(config: str, shards: Path, run_dir: Path, epochs: int) -> None:
+    """Train (resuming an interrupted run) unless the run already finished."""
     from brainage_hpc.config import load_config
+    from brainage_hpc.demo import _finished
     from brainage_hpc.engine.run import train_main
 
-    if (run_dir / "model.pt").exists() or (run_dir / "best.pt").exists():
+    if _finished(run_dir):
         return
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     cfg = load_config(config, [f"data.shards={shards}", "train.backend=single", "train.precision=32", f"train.epochs={epochs}",
@@ -80,7 +82,7 @@ def _classic_gradcam(run: Path, shards: Path, n: int) -> dict[str, float]:
 
 
 def run_preset(preset: str, root: Path, n_subjects: int, epochs: int, methods: list[str], n_explain: int,
-               n_occlusion: int, cvae: bool, patch: int = 6) -> dict[str, Any]:
+               n_occlusion: int, cvae: bool, patch: int = 6, cvae_epochs: int | None = None) -> dict[str, Any]:
     from brainage_hpc.interpret.explain import run_explain
 
     cohort, shards, runs = root / "cohort", root / "shards", root / "runs"
@@ -95,7 +97,7 @@ def run_preset(preset: str, root: Path, n_subjects: int, epochs: int, methods: l
     t0 = time.perf_counter()
     _train("cnn_demo", shards, runs / "cnn", epochs)
     if cvae:
-        _train("cvae_demo", shards, runs / "cvae", epochs)
+        _train("cvae_demo", shards, runs / "cvae", cvae_epochs or epochs)
     t_train = time.perf_counter() - t0
     common = dict(truth="auto", max_subjects=n_explain, occlusion_subjects=n_occlusion, curve_subjects=2, patch=patch)
     res = run_explain(runs / "cnn", shards, root / "explain_cnn", methods=methods, **common)["methods"]
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: default preset, 24 subjects, 1 epoch, 2 subjects explained")
     p.add_argument("--presets", nargs="+", default=["default", "realistic"])
     p.add_argument("--n-subjects", type=int, default=120)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10, help="CNN epochs")
+    p.add_argument("--cvae-epochs", type=int, default=None, help="CVAE epochs (default: --epochs)")
     p.add_argument("--explain-subjects", type=int, default=8)
     p.add_argument("--occlusion-subjects", type=int, default=2)
     p.add_argument("--no-cvae", action="store_true", help="skip the CVAE and its counterfactual maps")
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for preset in presets:
         t0 = time.perf_counter()
-        r = run_preset(preset, args.work / f"{preset}{'-quick' if args.quick else ''}", n, ep, methods, k, min(args.occlusion_subjects, k), not args.no_cvae, patch)
+        r = run_preset(preset, args.work / f"{preset}{'-quick' if args.quick else ''}", n, ep, methods, k, min(args.occlusion_subjects, k), not args.no_cvae, patch,
+                       1 if args.quick else args.cvae_epochs)
         r["seconds_total"] = round(time.perf_counter() - t0, 1)
         per[preset] = r
         c = r["gradcam_classic"]
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
               f"total {r['seconds_total']:.0f} s" for p_, r in per.items()]
     result = make_result(
         NAME, "Explanation faithfulness per method on synthetic cohorts (planted age effect)", argv, quick=args.quick,
-        config={"n_subjects": n, "epochs": ep, "shape": list(SHAPE), "voxel_mm": 3.0, "explain_subjects": k,
+        config={"n_subjects": n, "epochs": ep, "cvae_epochs": 1 if args.quick else (args.cvae_epochs or ep), "shape": list(SHAPE), "voxel_mm": 3.0, "explain_subjects": k,
                 "occlusion_subjects": min(args.occlusion_subjects, k), "occlusion_patch": patch, "threads": args.threads},
         headers=["preset", "method", "enrichment (x)", "Spearman rho", "deletion AOPC (y)", "insertion AOPC (y)", "zero maps", "s"],
         rows=rows, ratio=ratios[0] if ratios else None, ratios=ratios, notes=notes, presets=per,

@@ -169,7 +169,7 @@ def test_predict_raw_nifti_of_another_grid(cnn_run, tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"{good.absolute()}\t")  # without --out the ages go to stdout
 
 
-def test_explain_writes_maps_and_faithfulness(cnn_run, cvae_run, tiny_shards, tmp_path):
+def test_explain_writes_maps_and_faithfulness(cnn_run, cvae_run, tiny_shards, synthetic_cohort, tmp_path):
     out = tmp_path / "explain"
     args = ["--shards", str(tiny_shards), "--max-subjects", "2", "--curve-subjects", "1"]
     assert main(["explain", "--run-dir", str(cnn_run), *args, "--method", "gradcam", "ig", "--out", str(out)]) == 0
@@ -179,6 +179,11 @@ def test_explain_writes_maps_and_faithfulness(cnn_run, cvae_run, tiny_shards, tm
         assert math.isfinite(r["enrichment"]) and math.isfinite(r["aopc_deletion"]) and r["n_subjects"] == 2, m
         assert (out / f"{m}-group.nii.gz").is_file() and (out / f"{m}-group.png").is_file()
     assert "| gradcam |" in (out / "report.md").read_text()
+    gen = tmp_path / "generator-truth"  # the generator's age effect, mapped from the cohort grid to the shard grid
+    truth = synthetic_cohort / "truth" / "age_effect.nii.gz"
+    assert main(["explain", "--run-dir", str(cnn_run), *args, "--method", "gradcam", "--truth", str(truth), "--out", str(gen)]) == 0
+    g = json.loads((gen / "faithfulness.json").read_text())
+    assert g["truth"] == str(truth) and math.isfinite(g["methods"]["gradcam"]["enrichment"])
     cf = tmp_path / "cf"
     assert main(["explain", "--run-dir", str(cvae_run), *args, "--method", "counterfactual", "--truth", "none", "--out", str(cf)]) == 0
     r = json.loads((cf / "faithfulness.json").read_text())["methods"]["counterfactual"]
