@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, str] = {
     "exit_stress": "clean exit of 2-process gloo runs (the os._exit shutdown)",
     "gpu": "GPU throughput, memory, busy share, data wait, host-device syncs per step (needs a GPU)",
     "raw_pipeline": "raw-scan pipeline CPU s per 1 mm head on one core: N4 / registration / deepbet (target ≤ 30 s)",
+    "explain_faithfulness": "attribution maps vs the planted age effect: enrichment per method, presets default/realistic (issue 18.2)",
     "faults": "fault injection: clean error or correct recovery, silent or destructive 0 (issue 14)",
     "trust_calibration": "per synthetic preset: MAE/r uncorrected vs bias-corrected vs predict-the-mean (bootstrap CIs), conformal coverage, OOD flags; 2-seed ensemble",
 }

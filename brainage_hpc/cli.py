@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("brainage_hpc.commands.evaluate", "metrics, predictions.csv and plots for a trained run"),
     "predict": ("brainage_hpc.commands.predict", "brain age of a cohort of NIfTI scans (resumable; SLURM array tasks; merge)"),
     "gradcam": ("brainage_hpc.commands.gradcam", "3D Grad-CAM maps (NIfTI + PNG overlays)"),
+    "explain": ("brainage_hpc.commands.explain", "attribution maps by several methods (Grad-CAM, occlusion, IG, SmoothGrad, CVAE counterfactual) with faithfulness"),
     "latent": ("brainage_hpc.commands.latent", "CVAE latent-space projections coloured by age"),
     "generate": ("brainage_hpc.commands.generate", "CVAE: generate brains at a given age"),
     "tabular": ("brainage_hpc.commands.tabular", "FreeSurfer-table models with permutation importance"),

@@ -1,7 +1,8 @@
 """``make demo``: the whole pipeline on a synthetic cohort, on CPU, in minutes.
 
 synthetic HCP cohort -> sharded HDF5 -> seed CNN (regression) and CVAE trained
-with 2-process DDP and bf16 autocast -> evaluation, Grad-CAM, CVAE latent space
+with 2-process DDP and bf16 autocast -> evaluation, Grad-CAM, explanations with their
+faithfulness (Grad-CAM, occlusion, IG, SmoothGrad, CVAE counterfactual), CVAE latent space
 and generation -> FreeSurfer-table model -> ``demo_out/report.md``.
 
 Every stage skips work whose output already exists, so a second run (or a run
@@ -109,6 +110,16 @@ def run_demo(out: Path, n_subjects: int = N_SUBJECTS, nproc: int = 2, epochs: in
         _cli(["evaluate", "--run-dir", str(runs / name), "--shards", str(shards), "--split", "test", "--out", str(out / f"eval_{name}")])
     _cli(["gradcam", "--run-dir", str(runs / "cnn"), "--shards", str(shards), "--split", "test", "--out", str(out / "gradcam")])
     _done(t0, timings, "evaluate")
+
+    t0 = _stage("5b/7 explanations and their faithfulness (truth: |r| of intensity vs age over the train split)")
+    few = ["--max-subjects", "8", "--occlusion-subjects", "2", "--curve-subjects", "1", "--patch", "8"]
+    if not (out / "explain" / "faithfulness.json").exists():
+        _cli(["explain", "--run-dir", str(runs / "cnn"), "--shards", str(shards), "--method", "gradcam", "occlusion", "ig",
+              "smoothgrad", *few, "--out", str(out / "explain")])
+    if not (out / "explain_cvae" / "faithfulness.json").exists():
+        _cli(["explain", "--run-dir", str(runs / "cvae"), "--shards", str(shards), "--method", "counterfactual", *few,
+              "--out", str(out / "explain_cvae")])
+    _done(t0, timings, "explain")
 
     t0 = _stage("6/7 CVAE latent space and age-conditioned generation")
     _cli(["latent", "--run-dir", str(runs / "cvae"), "--shards", str(shards), "--split", "test", "--out", str(out / "latent")])

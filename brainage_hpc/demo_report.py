@@ -1,6 +1,6 @@
 """``demo_out/report.md`` and ``summary.json``: the demo's numbers on one page.
 
-Reads what each stage wrote (``eval_*/metrics.json``, ``gradcam/gradcam.json``,
+Reads what each stage wrote (``eval_*/metrics.json``, ``gradcam/gradcam.json``, ``explain*/faithfulness.json``,
 ``generate/generate.json``, ``latent/latent.json``, ``tabular/metrics.json``) so the
 report is rebuilt from files alone, and states whether the demo's acceptance target
 (CNN test MAE at most half of the predict-the-mean MAE) was met.
@@ -56,6 +56,14 @@ def summarise(out: Path, timings: dict[str, float]) -> dict[str, Any]:
         "timings_s": timings,
         "total_s": round(sum(timings.values()), 1),
     }
+    explain: dict[str, Any] = {}
+    for sub in ("explain", "explain_cvae"):
+        f = _load(out / sub / "faithfulness.json")
+        for m, r in ((f or {}).get("methods") or {}).items():
+            explain[m] = {k: r.get(k) for k in ("enrichment", "spearman", "aopc_deletion", "aopc_insertion", "aopc_random",
+                                                 "n_zero_maps", "n_subjects", "seconds")}
+    if explain:
+        summary["explain"] = explain
     if gen is not None:
         csf = gen["csf"]
         summary["cvae_csf"] = {k: csf[k] for k in ("youngest_age", "oldest_age", "youngest_mean", "oldest_mean", "oldest_larger")}
@@ -113,8 +121,22 @@ def write_demo_report(out: Path, timings: dict[str, float]) -> Path:
             f"at age {c['oldest_age']:g}: {c['oldest_mean']:.4f} (older larger: {c['oldest_larger']}). "
             "The synthetic cohort widens ventricles with age, so a CVAE that learnt the age prior shows it.",
         ]
+    explain_lines = ["Explanations not run."]
+    if s.get("explain"):
+        from brainage_hpc.interpret.explain import faithfulness_table
+
+        explain_lines = [
+            "Which brain regions drive the predicted age? The cohort's ground truth: voxels whose intensity correlates with "
+            "age over the train split (|Pearson r|; ventricles widen, cortex thins). Enrichment = share of the group map's "
+            "mass in the top-10 % of those voxels / 0.1 (1 = chance; targets: Grad-CAM ≥ 2x, best method ≥ 4x). "
+            "AOPC = mean |change of predicted age| when the map's top voxels are deleted (or inserted into a blank brain); "
+            "random order = chance. `counterfactual` is the CVAE's (one latent decoded at its age and 10 years older).",
+            "",
+            *faithfulness_table(s["explain"]),
+        ]
     links = [
         "- [CNN evaluation](eval_cnn/report.md), [CVAE evaluation](eval_cvae/report.md)",
+        "- [Explanations](explain/report.md), [CVAE counterfactual](explain_cvae/report.md)",
         "- [Grad-CAM](gradcam/report.md), [CVAE latent space](latent/report.md), [CVAE generation](generate/report.md)",
         "- [FreeSurfer-table model](tabular/report.md)",
         "- TensorBoard: `tensorboard --logdir runs`",
@@ -125,10 +147,11 @@ def write_demo_report(out: Path, timings: dict[str, float]) -> Path:
         ("Trust: bias correction, intervals, OOD (CNN)", trust_section(out)),
         ("Against the seed (synthetic data: not comparable, shown for layout)", seed),
         ("CVAE age-conditioned generation", csf_lines),
+        ("Explanations: faithfulness per method", explain_lines),
         ("Detailed reports", links),
         ("Time per stage", times),
     ]
-    figures = ["eval_cnn/pred_vs_true.png", "gradcam/group-mean.png", "generate/age-strip.png", "latent/latent-pca.png",
+    figures = ["eval_cnn/pred_vs_true.png", "gradcam/group-mean.png", "explain/occlusion-group.png", "generate/age-strip.png", "latent/latent-pca.png",
                "tabular/importance.png"]
     # Only the headline figures here: each stage's own report links the rest.
     text = ["# brainage-hpc demo", ""]

@@ -15,10 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="split to average over (default: test)")
     parser.add_argument("--subjects", nargs="+", default=None, help="subject IDs for individual maps (default: first --examples)")
     parser.add_argument("--examples", type=int, default=3, help="individual maps when --subjects is not given (default: 3)")
-    parser.add_argument("--layer", default=None, help="module name, e.g. features.2 (default: the last conv block)")
+    parser.add_argument("--layer", default=None, help="module name, e.g. features.2 (default: the deepest conv block with >= 8 voxels per axis)")
     parser.add_argument("--method", choices=["gradcam", "gradcampp"], default="gradcam")
-    parser.add_argument("--direction", choices=["older", "younger"], default="older",
-                        help="regressors: explain what raises (older, default) or lowers (younger) the predicted age")
+    parser.add_argument("--direction", choices=["both", "older", "younger"], default="both",
+                        help="both (default): |evidence| either way; older/younger: only what raises/lowers the score")
+    parser.add_argument("--weighting", choices=["elementwise", "pooled"], default="elementwise",
+                        help="elementwise (default, HiResCAM: gradient x activation per position) or pooled (classic Grad-CAM)")
     parser.add_argument("--max-subjects", type=int, default=0, help="average over the first N subjects only (0: all)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--out", default=None, help="output folder (default: RUN/gradcam-<split>)")
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = run_gradcam(
             args.run_dir, args.shards, out, split=args.split, subjects=args.subjects, layer=args.layer,
-            method=args.method, direction=args.direction, n_examples=args.examples, max_group=args.max_subjects,
+            method=args.method, direction=args.direction, weighting=args.weighting, n_examples=args.examples, max_group=args.max_subjects,
             batch_size=args.batch_size, device=args.device,
         )
     except (FileNotFoundError, ValueError, KeyError) as exc:

@@ -35,10 +35,15 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
 
     report = (out / "report.md").read_text()
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
-    assert len(figures) == 5, figures
+    assert len(figures) == 6, figures
     for rel in figures:
         assert (out / rel).stat().st_size > 1000, rel
-    for sub in ("eval_cnn", "eval_cvae", "gradcam", "latent", "generate", "tabular"):
+    # issue 18.2: explanations that are right (truth: |r| of intensity vs age over the train split)
+    assert summary["explain"]["gradcam"]["enrichment"] >= 2.0, summary["explain"]
+    assert max(m["enrichment"] for m in summary["explain"].values()) >= 4.0, summary["explain"]
+    assert summary["explain"]["gradcam"]["n_zero_maps"] == 0
+    assert "Explanations: faithfulness per method" in report
+    for sub in ("eval_cnn", "eval_cvae", "gradcam", "explain", "explain_cvae", "latent", "generate", "tabular"):
         assert (out / sub / "report.md").is_file(), sub
     assert list((out / "runs" / "cnn" / "tb").rglob("events.out.tfevents.*"))
 

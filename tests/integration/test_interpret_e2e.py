@@ -167,3 +167,39 @@ def test_predict_raw_nifti_of_another_grid(cnn_run, tmp_path, capsys):
 
     assert main(["predict", "--checkpoint", str(cnn_run), "--input", str(tmp_path / "raw"), "--sex", "F"]) == 0
     assert capsys.readouterr().out.startswith(f"{good.absolute()}\t")  # without --out the ages go to stdout
+
+
+def test_explain_writes_maps_and_faithfulness(cnn_run, cvae_run, tiny_shards, synthetic_cohort, tmp_path):
+    out = tmp_path / "explain"
+    args = ["--shards", str(tiny_shards), "--max-subjects", "2", "--curve-subjects", "1"]
+    assert main(["explain", "--run-dir", str(cnn_run), *args, "--method", "gradcam", "ig", "--out", str(out)]) == 0
+    f = json.loads((out / "faithfulness.json").read_text())
+    assert set(f["methods"]) == {"gradcam", "ig"} and f["truth"].startswith("|Pearson r|")
+    for m, r in f["methods"].items():
+        assert math.isfinite(r["enrichment"]) and math.isfinite(r["aopc_deletion"]) and r["n_subjects"] == 2, m
+        assert (out / f"{m}-group.nii.gz").is_file() and (out / f"{m}-group.png").is_file()
+    assert "| gradcam |" in (out / "report.md").read_text()
+    gen = tmp_path / "generator-truth"  # the generator's age effect, mapped from the cohort grid to the shard grid
+    truth = synthetic_cohort / "truth" / "age_effect.nii.gz"
+    assert main(["explain", "--run-dir", str(cnn_run), *args, "--method", "gradcam", "--truth", str(truth), "--out", str(gen)]) == 0
+    g = json.loads((gen / "faithfulness.json").read_text())
+    assert g["truth"] == str(truth) and math.isfinite(g["methods"]["gradcam"]["enrichment"])
+    cf = tmp_path / "cf"
+    assert main(["explain", "--run-dir", str(cvae_run), *args, "--method", "counterfactual", "--truth", "none", "--out", str(cf)]) == 0
+    r = json.loads((cf / "faithfulness.json").read_text())["methods"]["counterfactual"]
+    assert "enrichment" not in r and math.isfinite(r["aopc_deletion"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "gradcm"], "unknown method 'gradcm'. Did you mean 'gradcam'"),
+    (["--method", "counterfactual"], "needs a conditional VAE run"),
+    (["--method", "gradcam", "--truth", "BAD"], "truth map has shape (4, 5, 6), the shards (32, 32, 32)"),
+])
+def test_explain_faults_are_one_line_errors(cnn_run, tiny_shards, tmp_path, capsys, extra, message):
+    from brainage_hpc.report import save_nifti
+
+    bad = save_nifti(np.ones((4, 5, 6)), np.eye(4), tmp_path / "bad.nii.gz")
+    extra = [str(bad) if a == "BAD" else a for a in extra]
+    assert main(["explain", "--run-dir", str(cnn_run), "--shards", str(tiny_shards), *extra, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

@@ -30,8 +30,12 @@ def test_summary_ratio_and_report(tmp_path: Path, mae: float, ok: bool) -> None:
     _write(tmp_path / "eval_cnn" / "metrics.json", _eval_metrics(mae, 4.0))
     _write(tmp_path / "generate" / "generate.json", {"csf": {
         "youngest_age": 22, "oldest_age": 37, "youngest_mean": 0.05, "oldest_mean": 0.08, "oldest_larger": True}})
+    _write(tmp_path / "explain" / "faithfulness.json", {"methods": {"gradcam": {
+        "enrichment": 3.87, "spearman": 0.22, "aopc_deletion": 6.2, "n_zero_maps": 0, "n_subjects": 8, "seconds": 11.0}}})
     report = write_demo_report(tmp_path, {"synth": 10.0, "train_cnn": 100.0})
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["explain"]["gradcam"]["enrichment"] == pytest.approx(3.87)
+    assert "| gradcam | 3.87 |" in report.read_text()
     assert summary["mae_ratio"] == pytest.approx(mae / 4.0)
     assert summary["mae_ratio_ok"] is ok
     assert summary["total_s"] == pytest.approx(110.0)

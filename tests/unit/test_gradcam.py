@@ -54,10 +54,11 @@ def test_map_mass_lies_in_the_box(method):
 @pytest.mark.parametrize(
     "model, layer",
     [
-        (CNN3d(in_shape=(24, 24, 24), depth=2, width=4, padding="same"), "features.1"),
-        (CNN3d(in_shape=(24, 24, 24), task="classify", num_classes=4, depth=2, width=4), "features.1"),
-        (SFCN(in_shape=(24, 24, 24), channels=(4, 8, 8, 4)), "features.3"),
-        (ConditionalVAE3d(in_shape=(24, 24, 24), channels=(4, 8, 8), padding="same", feature_dim=8, latent_dim=4), "encoder.2"),
+        # the deepest block with >= 8 voxels per axis (24 -> 12 -> 6 with 'same' padding)
+        (CNN3d(in_shape=(24, 24, 24), depth=2, width=4, padding="same"), "features.0"),
+        (CNN3d(in_shape=(24, 24, 24), task="classify", num_classes=4, depth=2, width=4), "features.0"),
+        (SFCN(in_shape=(24, 24, 24), channels=(4, 8, 8, 4)), "features.0"),
+        (ConditionalVAE3d(in_shape=(24, 24, 24), channels=(4, 8, 8), padding="same", feature_dim=8, latent_dim=4), "encoder.0"),
     ],
 )
 @pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
@@ -108,3 +109,44 @@ def test_nifti_keeps_the_affine_and_png_is_written(tmp_path):
     png = save_overlay(np.random.rand(S, S, S), maps[0], tmp_path / "cam.png", "toy")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cam.nii.gz", "cam.png"]  # no temp files left
+
+
+def test_default_layer_skips_blocks_too_coarse_to_localise():
+    net = CNN3d(in_shape=(48, 56, 48), depth=3, width=2)  # the demo geometry: 22x26x22 -> 9x11x9 -> 2x3x2
+    assert default_layer(net) == "features.1"
+    assert default_layer(nn.Sequential(nn.Conv3d(1, 2, 3))) == "0"  # no in_shape: the last Conv3d
+
+
+class SplitModel(nn.Module):
+    """Regressor with a dense (not pooled) head: +box A, -box B. Classic Grad-CAM cancels them."""
+
+    task = "regress"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Sequential(nn.Conv3d(1, 1, 1, bias=False)))
+        with torch.no_grad():
+            self.features[0][0].weight.fill_(1.0)
+        w = torch.zeros(1, 1, S, S, S)
+        w[(0, 0, *BOX)] = 1.0
+        w[0, 0, 20:30, 2:12, 22:30] = -1.0
+        self.register_buffer("w", w / w.abs().sum())
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        a = self.features(batch["image"])
+        return {"pred_age": (a * self.w).sum((1, 2, 3, 4)) + 30.0}
+
+
+def test_elementwise_abs_finds_both_signed_regions_where_classic_gradcam_does_not():
+    x = torch.rand(2, 1, S, S, S) + 0.5
+    both = np.zeros((S, S, S), bool)
+    both[BOX] = True
+    both[20:30, 2:12, 22:30] = True
+    new = GradCAM3d(SplitModel())(x, torch.zeros(2))
+    share = new[:, both].sum(1) / new.reshape(2, -1).sum(1)
+    assert (share > 0.99).all(), share
+    old = GradCAM3d(SplitModel(), weighting="pooled", direction="older")(x, torch.zeros(2))
+    old_share = old[:, both].sum(1) / np.maximum(old.reshape(2, -1).sum(1), 1e-12)
+    assert (old_share < 0.5).all(), old_share  # a spatially constant weight cannot localise
+    with pytest.raises(ValueError, match="Unknown weighting"):
+        GradCAM3d(SplitModel(), weighting="mean")  # type: ignore[arg-type]
