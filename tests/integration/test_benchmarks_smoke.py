@@ -32,7 +32,8 @@ SMOKE: dict[str, list[str]] = {
     "amp": ["--configs", "cnn_demo"],
     "exit_stress": ["--runs", "2"],
     "raw_pipeline": [],
-    "explain_faithfulness": ["--work", "bench_out/explain_faithfulness_smoke", "--threads", "1"],
+    "explain_faithfulness": ["--work", "bench_out/explain_faithfulness_smoke", "--threads", "1", "--no-cvae",
+                             "--occlusion-subjects", "1"],  # the CVAE counterfactual: tests/unit/test_explain.py
     "gpu": ["--device", "cpu", "--models", "cnn3d", "--cnn-shape", "96", "96", "96", "--loader-config", "cnn_demo",
             "--loader-shape", "48", "56", "48", "--loader-voxel-mm", "3", "--loader-subjects", "16", "--loader-batch", "4",
             "--loader-steps", "4", "--workers", "0", "--threads", "1"],
