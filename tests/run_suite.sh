@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# `make test`'s pytest step: the SLURM-marked tests run in a second pytest beside the rest.
+# `make test`'s pytest step: the suite in three pytest processes side by side.
 #
-# Why: the SLURM tests spend most of their wall time waiting on the local cluster
-# (scheduling, requeue, polling) while the machine's cores sit idle, and the rest
-# of the suite needs no cluster; side by side the whole suite takes ~1/3 less wall
-# time on 2 cores, which keeps CI inside its budget. Each half has its own pytest
-# temp folder; only the SLURM half submits jobs, so the cluster is never shared.
+#   1. SLURM-marked tests and the benchmark smoke runs (`-m "slurm or bench"`): the
+#      SLURM tests spend most of their wall time waiting on the local cluster;
+#   2. the other integration tests;
+#   3. unit and reliability tests.
+# Why: on 2 cores one pytest leaves a core idle whenever a test is single-threaded or
+# waits on SLURM, and CI must finish in 30 minutes. Each group has its own pytest temp
+# folder; only group 1 submits SLURM jobs, so the cluster is never shared; no test
+# writes outside its tmp_path (benchmark caches are per clone, under bench_out/).
 #
 # Any argument (e.g. `make test PYTEST_ARGS="-k resume"`) runs one plain pytest
 # instead; BRAINAGE_SERIAL_TESTS=1 does the same for the whole suite.
@@ -17,21 +20,32 @@ if [ "$#" -gt 0 ] || [ -n "${BRAINAGE_SERIAL_TESTS:-}" ]; then
 fi
 
 base="$(mktemp -d "${TMPDIR:-/tmp}/brainage-tests.XXXXXX")"
-slurm_log="$base/slurm.log"
-"$PY" -m pytest -m slurm --basetemp "$base/slurm" -p no:cacheprovider >"$slurm_log" 2>&1 &
-slurm_pid=$!
-trap 'kill "$slurm_pid" 2>/dev/null' INT TERM
+names=(slurm-and-bench integration unit-and-reliability)
+args=(
+    "-m|slurm or bench"
+    "tests/integration|-m|not slurm and not bench"
+    "tests/unit|tests/reliability|-m|not slurm and not bench"
+)
+pids=()
+for i in 0 1 2; do
+    IFS='|' read -r -a a <<<"${args[$i]}"
+    "$PY" -m pytest "${a[@]}" --basetemp "$base/${names[$i]}" -p no:cacheprovider >"$base/${names[$i]}.log" 2>&1 &
+    pids+=($!)
+done
+trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
 
-"$PY" -m pytest -m "not slurm" --basetemp "$base/rest"
-rest_rc=$?
-wait "$slurm_pid"
-slurm_rc=$?
-
-echo
-echo "==================== SLURM-marked tests (ran beside the others) ===================="
-cat "$slurm_log"
-# pytest exit 5: nothing collected (no SLURM tests selected), not a failure
-[ "$slurm_rc" -eq 5 ] && slurm_rc=0
-echo "make test: non-SLURM tests exit $rest_rc, SLURM tests exit $slurm_rc"
+summary=""
+status=0
+for i in 0 1 2; do
+    wait "${pids[$i]}"
+    rc=$?
+    [ "$rc" -eq 5 ] && rc=0  # pytest exit 5: nothing collected (e.g. no SLURM tests selected)
+    echo
+    echo "==================== tests: ${names[$i]} (exit $rc) ===================="
+    cat "$base/${names[$i]}.log"
+    summary+=" ${names[$i]}=$rc"
+    [ "$rc" -eq 0 ] || status=1
+done
+echo "make test: exit codes:$summary"
 rm -rf "$base"
-[ "$rest_rc" -eq 0 ] && [ "$slurm_rc" -eq 0 ]
+exit "$status"

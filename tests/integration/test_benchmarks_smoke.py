@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.run_all import BENCHMARKS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.bench]
 
 REPO = Path(__file__).resolve().parents[2]
 DDP_SHAPE = ["--shape", "48", "56", "48"]
