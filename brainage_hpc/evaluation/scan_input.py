@@ -6,30 +6,17 @@ This is the only place where ``brainage predict`` prepares a scan: it calls
 shards went through (skull-stripped or raw), with the same plausibility checks
 (a noise cube, a box phantom or a 32 mm volume is an error, not an age) and the
 same per-scan QC numbers. The box-phantom check (foreground filling more than 85 % of
-its bounding box) lives with the others in :mod:`brainage_hpc.ingest.plausibility`;
-:func:`box_fill` stays here for the callers of the QC numbers.
+its bounding box) lives with the others in :mod:`brainage_hpc.ingest.plausibility`.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from brainage_hpc.ingest.plausibility import BOX_FILL_MAX
 from brainage_hpc.ingest.prepare import PreparedScan, prepare_scan
 
-__all__ = ["BOX_FILL_MAX", "PreparedScan", "box_fill", "one_line_error", "prepare_input"]
-
-
-def box_fill(qc: dict[str, float]) -> float | None:
-    """Foreground volume / its bounding-box volume, from ``prepare_scan``'s QC numbers (None when absent)."""
-    try:
-        box_ml = qc["extent_x_mm"] * qc["extent_y_mm"] * qc["extent_z_mm"] / 1000.0
-        fill = qc["volume_ml"] / box_ml
-    except (KeyError, ZeroDivisionError, TypeError):
-        return None
-    return fill if math.isfinite(fill) else None
+__all__ = ["PreparedScan", "one_line_error", "prepare_input"]
 
 
 def one_line_error(exc: BaseException, path: str | Path) -> str:
