@@ -215,9 +215,10 @@ def warn_fingerprint(lm: Any) -> list[str]:
     return diffs
 
 
-def _scoring_key(lm: Any, options: ScoreOptions) -> str:
+def scoring_key(lm: Any, options: ScoreOptions) -> str:
     """The weights' digest, plus the calibration's and --bias-correct when they add columns: records of
-    another model or calibration are scored again, not reused."""
+    another model or calibration are scored again, not reused. Every writer of a plan uses this key
+    (``run_predict`` and ``launch predict``), so the array's tasks accept the plan it wrote."""
     import hashlib
     import json
 
@@ -258,7 +259,7 @@ def run_predict(req: PredictRequest, say: Callable[..., None] = _say) -> int:
         task = req.task or 0
         # the part's lock first: a second process on the same part stops before it touches the plan
         with PartWriter(parts_dir / part_name(task, req.tasks)) as writer, StopRequest() as stop:
-            model = _scoring_key(lm, req.options)
+            model = scoring_key(lm, req.options)
             plan = _plan_for(req, parts_dir, model)
             done = _scored_keys(parts_dir, model)
             todo = [(i, plan.scans[i]) for i in plan.task_range(task) if _current_key(plan.scans[i].path) not in done]

@@ -37,9 +37,9 @@ from brainage_hpc.evaluation.cohort_predict import (  # noqa: E402
     load_for_scoring,
     run_merge,
     run_predict,
+    scoring_key,
 )
 from brainage_hpc.evaluation.cohort_run import ScoreOptions  # noqa: E402
-from brainage_hpc.evaluation.exported import model_digest  # noqa: E402
 
 __all__ = ["PredictTask", "build_predict_executor", "main"]
 
@@ -177,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         parts_dir = prepare_output_dir(parts_dir_for(out), "parts folder")
         inputs = tuple(str(Path(i).resolve()) for i in args.input)  # tasks may start in another folder
         lm, _ = load_for_scoring(args.checkpoint, "cpu")  # a bad checkpoint fails here, not in K tasks
-        plan = array_plan(parts_dir, inputs, args.tasks, model_digest(lm.model))
         options = ScoreOptions(batch_size=args.batch_size, workers=max(args.cpus_per_task - 1, 0), sex=args.sex,
                                progress=True)
+        plan = array_plan(parts_dir, inputs, args.tasks, scoring_key(lm, options))
     except (ValueError, OSError) as exc:
         print(f"launch predict: error: {exc}", file=sys.stderr)
         return 2

@@ -49,3 +49,29 @@ def test_report_lists_failed_and_flagged_scans(tmp_path):
     assert "## Flagged (1)" in md and "QC edge; ood_flag" in md
     assert "| B | 5 | +2.00 |" in md
     assert (tmp_path / "pred_report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_launch_predict_plans_with_the_key_its_tasks_check(tmp_path, monkeypatch, capsys):
+    """A calibrated run adds its calibration to the plan key; `launch predict` must write that same key,
+    or every array task refuses the plan as 'scored with other weights'."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import brainage_hpc.evaluation.predict_job as job
+    from brainage_hpc.evaluation.cohort_predict import scoring_key
+    from brainage_hpc.evaluation.cohort_run import ScoreOptions
+
+    lm = SimpleNamespace(model=torch.nn.Linear(2, 1), calibration={"bias": {"alpha": 1.0, "beta": 0.0}})
+    seen: list[str] = []
+
+    def stop_at_plan(parts_dir, inputs, tasks, model):
+        seen.append(model)
+        raise ValueError("stop before submitting")
+
+    monkeypatch.setattr(job, "load_for_scoring", lambda checkpoint, device: (lm, None))
+    monkeypatch.setattr(job, "array_plan", stop_at_plan)
+    rc = job.main(["--checkpoint", "run", "--input", str(tmp_path), "--out", str(tmp_path / "pred.csv"),
+                   "--executor", "local", "--tasks", "2"])
+    assert rc == 2 and "stop before submitting" in capsys.readouterr().err
+    assert seen == [scoring_key(lm, ScoreOptions())] and "+cal:" in seen[0]
