@@ -29,10 +29,11 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from brainage_hpc.data.ages import bin_to_class
+from brainage_hpc.data.batch_buffers import BufferPool, recycle
 from brainage_hpc.data.checksum import CHECKSUM_BYTES
 from brainage_hpc.data.sampler import BrainSampler
 from brainage_hpc.data.shard_checks import check_shards, warn_if_unchecked
-from brainage_hpc.data.shards import Manifest, ShardReader, load_manifest
+from brainage_hpc.data.shards import Manifest, PendingCheck, ShardReader, load_manifest
 
 __all__ = ["TASKS", "BrainSampler", "ShardDataset"]
 
@@ -119,6 +120,9 @@ class ShardDataset(Dataset):
         self._cache: torch.Tensor | None = None
         self._cache_pos = np.full(len(self.subject_ids), -1, dtype=np.int64)
         self.pin_batches = False  # read_batch allocates pinned memory (set by the loader for CUDA without workers)
+        # read_batch takes its fp16 batches from this pool; only a consumer that calls batch_buffers.recycle()
+        # gets buffers back (the loader's device step does); None: a fresh tensor per batch
+        self.buffer_pool: BufferPool | None = None
         warn_if_unchecked(self.manifest, check_shards(self.manifest, np.unique(self._shard).tolist()))
         if cache:
             self.cache_volumes(range(len(self)) if subset is None else subset)
@@ -162,22 +166,25 @@ class ShardDataset(Dataset):
             return self._cache[pos]
         return self._get_reader().read_index(int(self._shard[i]), int(self._index[i]))
 
-    def _read_into(self, i: int, out: np.ndarray, padded: bool = False) -> None:
+    def _read_into(self, i: int, out: np.ndarray, padded: bool = False, checks: list[PendingCheck] | None = None) -> None:
         """Volume ``i`` into ``out``: float16 (1, D, H, W), or with ``padded`` uint8 of its bytes + 4 (see ShardReader)."""
         pos = self._cache_pos[i]
         if self._cache is not None and pos >= 0:
             dest = out.reshape(-1).view(np.uint8)[: self.volume_bytes].view(np.float16) if padded else out.reshape(-1)
             np.copyto(dest, self._cache[pos].numpy().reshape(-1))
         else:
-            self._get_reader().read_into(int(self._shard[i]), int(self._index[i]), out, padded=padded)
+            self._get_reader().read_into(int(self._shard[i]), int(self._index[i]), out, padded=padded, checks=checks)
 
     def read_batch(self, keys: Sequence[int | tuple[int, int]]) -> dict[str, Any]:
         """Items ``keys`` (indices, or ``(index, transform_seed)``) as one batch.
 
-        The volumes are copied from their chunks (checksums verified) straight into
-        one (B, 1, D, H, W) tensor: shared memory inside a DataLoader worker (so
-        sending it to the main process copies nothing), pinned memory when
-        :attr:`pin_batches` is set, plain memory otherwise. Without a transform the
+        The volumes are copied from their chunks straight into one (B, 1, D, H, W)
+        tensor; each chunk's checksum is computed on a helper thread while the next
+        chunk is read, and all are verified before the batch is returned. The tensor
+        is in shared memory inside a DataLoader worker (so sending it to the main
+        process copies nothing), pinned memory when :attr:`pin_batches` is set, plain
+        memory otherwise; it comes from :attr:`buffer_pool` when one is set (hand it
+        back with :func:`brainage_hpc.data.batch_buffers.recycle`). Without a transform the
         image stays float16, as stored; convert it on the device (see
         :func:`brainage_hpc.data.loader.batch_to_device`).
 
@@ -195,11 +202,11 @@ class ShardDataset(Dataset):
         t = self.transform
         if t is None:  # chunks straight into their slots, in slot order (each may spill 4 bytes into the next)
             vb = self.volume_bytes
-            raw = _batch_tensor((len(pairs) * vb + CHECKSUM_BYTES,), torch.uint8, self.pin_batches)
+            nbytes = len(pairs) * vb + CHECKSUM_BYTES
+            pool = self.buffer_pool
+            raw = pool.take(nbytes, self.pin_batches) if pool is not None else _batch_tensor((nbytes,), torch.uint8, self.pin_batches)
             image = raw[: len(pairs) * vb].view(torch.float16).view(shape)  # (B, 1, D, H, W)
-            flat = raw.numpy()
-            for j, i in enumerate(idx):
-                self._read_into(int(i), flat[j * vb : (j + 1) * vb + CHECKSUM_BYTES], padded=True)
+            self._fill_slots(idx, raw)
         else:
             image = _batch_tensor(shape, torch.float32, self.pin_batches)  # (B, 1, D, H, W)
             vol = np.empty(shape[1:], dtype=np.float16)
@@ -217,6 +224,25 @@ class ShardDataset(Dataset):
             "sex": torch.from_numpy(self.sexes[idx]),
             "subject_id": [self.subject_ids[i] for i in idx],
         }
+
+    def _fill_slots(self, idx: np.ndarray, raw: torch.Tensor) -> None:
+        """Volumes ``idx`` into consecutive slots of ``raw`` (uint8), every checksum verified before returning."""
+        vb = self.volume_bytes
+        flat = raw.numpy()
+        checks: list[PendingCheck] = []
+        try:
+            uncached = [int(i) for i in idx if self._cache is None or self._cache_pos[i] < 0]
+            if len(uncached) > 1:  # cold cache: the kernel fetches all chunks at once
+                self._get_reader().prefetch([(int(self._shard[i]), int(self._index[i])) for i in uncached])
+            for j, i in enumerate(idx):
+                self._read_into(int(i), flat[j * vb : (j + 1) * vb + CHECKSUM_BYTES], padded=True, checks=checks)
+            if checks:
+                self._get_reader().finish_checks(checks)
+        except BaseException:
+            for check in checks:  # the helper thread must be done with the buffer before it is reused
+                check.result.exception()
+            recycle(raw)  # nobody will see this batch
+            raise
 
     def cache_volumes(self, indices: Sequence[int] | Iterator[int] | range | np.ndarray) -> None:
         """Read the volumes of ``indices`` once into an in-memory fp16 cache (replacing any previous)."""

@@ -7,7 +7,10 @@ Two paths yield identical batches (same keys and dtypes), already on the device:
 
 * DataLoader path: ``num_workers`` processes each read whole batches
   (:meth:`ShardDataset.read_batch`: chunks copied into one fp16 tensor in shared
-  memory, checksums verified, no per-item collation); CPU augmentation
+  memory, checksums verified, no per-item collation). The batch tensors come from
+  a :class:`~brainage_hpc.data.batch_buffers.BufferPool` and go back to it once the
+  device step is done with them, so a worker refills the same shared memory
+  instead of mapping a fresh 16 MB file per batch; CPU augmentation
   (``augment.device == "cpu"``) runs there per item. The batch crosses to the
   main process as float16 (pinned when the device is CUDA), is copied to the
   device and converted to float32 there (:func:`batch_to_device`): half the
@@ -36,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from brainage_hpc.config import RunConfig
+from brainage_hpc.data.batch_buffers import BufferPool, recycle
 from brainage_hpc.data.dataset import BrainSampler, ShardDataset
 from brainage_hpc.data.transforms import DeviceAugment, train_transforms
 
@@ -151,7 +155,12 @@ def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, An
 
 
 class _DeviceLoader:
-    """Iterates a DataLoader and yields its batches on the device (see :func:`batch_to_device`)."""
+    """Iterates a DataLoader and yields its batches on the device (see :func:`batch_to_device`).
+
+    The host batch goes back to its pool (:func:`~brainage_hpc.data.batch_buffers.recycle`) as soon
+    as the device batch no longer needs it: at once after a synchronous copy or conversion, after
+    the copy's CUDA event for an asynchronous one; never while the device batch shares its memory.
+    """
 
     def __init__(self, loader: DataLoader, device: torch.device) -> None:
         self.loader, self.device = loader, device
@@ -160,8 +169,38 @@ class _DeviceLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        in_flight: list[tuple[Any, torch.Tensor]] = []  # (CUDA event, host image) of asynchronous copies
         for batch in self.loader:
-            yield batch_to_device(batch, self.device)
+            out = batch_to_device(batch, self.device)
+            host, dev = batch.get("image"), out.get("image")
+            in_flight = _recycle_done(in_flight)
+            if isinstance(host, torch.Tensor) and isinstance(dev, torch.Tensor) and not _shares_memory(host, dev):
+                if host.is_pinned() and dev.is_cuda:
+                    event = torch.cuda.Event()
+                    event.record()
+                    in_flight.append((event, host))
+                else:
+                    recycle(host)
+            del batch, host, dev
+            yield out
+        for event, host_image in in_flight:
+            event.synchronize()
+            recycle(host_image)
+
+
+def _recycle_done(in_flight: list[tuple[Any, torch.Tensor]]) -> list[tuple[Any, torch.Tensor]]:
+    """Recycle the host images whose asynchronous copy has finished; return the others."""
+    pending = []
+    for event, host in in_flight:
+        if event.query():
+            recycle(host)
+        else:
+            pending.append((event, host))
+    return pending
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class _RawVolumes(Dataset):
@@ -299,6 +338,10 @@ def build_loader(
     dataset = ShardDataset(d.shards, split, task=cfg.model.task)
     # no workers: read_batch fills pinned memory itself (the DataLoader's pin step is then a no-op)
     dataset.pin_batches = bool(d.pin_memory and device.type == "cuda" and d.num_workers == 0)
+    # reused batch buffers: handed back by _DeviceLoader after the device step; not when the
+    # DataLoader's pin thread copies worker batches (their buffers would never come back)
+    if not (d.pin_memory and device.type == "cuda" and d.num_workers > 0):
+        dataset.buffer_pool = BufferPool(max_buffers=(d.prefetch_factor or 2) + 3)
     if list(dataset.shape) != list(d.shape):
         log.info("data.shape=%s but the shards hold %s; using the shards' shape", list(d.shape), list(dataset.shape))
     seed = cfg.train.seed

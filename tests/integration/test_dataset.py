@@ -113,6 +113,44 @@ def test_dataloader_two_workers(shards: Path, start_method: str) -> None:
     assert not torch.equal(batches[0]["image"], next(iter(plain.loader))["image"])  # it did augment
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reused_batch_buffers_never_change_a_batch(shards: Path, workers: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device step hands host buffers back and they are reused (also across worker processes); a consumer
+    that keeps host batches without handing them back still gets every batch intact. Checksums run on the
+    helper thread (in each worker too)."""
+    from brainage_hpc.data.batch_buffers import recycle
+
+    monkeypatch.setattr(ShardReader, "defer_checks_from_bytes", 0)
+
+    cfg = _cfg(shards, num_workers=workers, persistent_workers=workers > 0, start_method="fork")
+    bundle = build_loader(cfg, "train", train=True, micro_batch=2, rank=0, world_size=1, device=CPU)
+    reader = ShardReader(shards)
+
+    def stored(ids: list[str]) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(reader.read(s)) for s in ids])
+
+    for epoch in (1, 2):  # the trainer's path: device batches, host buffers recycled
+        bundle.sampler.set_epoch(epoch)
+        for b in _epoch(bundle):
+            assert torch.equal(b["image"], stored(b["subject_id"]).float())
+    if workers == 0:
+        assert bundle.dataset.buffer_pool.allocated == 1  # one buffer served both epochs
+
+    bundle.sampler.set_epoch(3)  # host batches kept, never recycled: all distinct and intact
+    kept = list(bundle.loader.loader)
+    assert len(kept) == len(bundle) >= 6
+    for b in kept:
+        assert b["image"].dtype == torch.float16 and torch.equal(b["image"], stored(b["subject_id"]))
+        recycle(b["image"])
+
+    bundle.sampler.set_epoch(4)  # recycled but (wrongly) still read: the memory was reused for later batches
+    held = []
+    for b in bundle.loader.loader:
+        held.append((b["image"], b["image"].clone()))
+        recycle(b["image"])
+    assert any(not torch.equal(a, copy) for a, copy in held), "no buffer was reused"
+
+
 def test_resume_mid_epoch_through_the_loader(shards: Path) -> None:
     """Consume 2 batches, save, rebuild, load: the rest of the epoch (augmentation included) is identical."""
     cfg = _cfg(shards, augment=AugmentConfig(enabled=True, affine_prob=1.0), balanced=True, task="classify4")

@@ -179,3 +179,45 @@ def test_item4_old_shards_are_read_after_one_warning(shards: Path, caplog: pytes
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
     assert batch["image"].shape == (2, 1, 32, 32, 32)
     np.testing.assert_array_equal(batch["image"][1].numpy(), ShardReader(shards).read(train.subject_ids[1]))
+
+
+@pytest.mark.parametrize("where", ["payload", "stored_checksum"])
+def test_item4_batch_reads_verify_on_the_helper_thread(shards: Path, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_batch computes checksums on a helper thread: a flipped payload byte or a flipped stored-checksum byte
+    is still 'checksum mismatch' naming the subject, the batch buffer goes back to the pool, neighbours read fine."""
+    from brainage_hpc.data.batch_buffers import BufferPool, recycle
+
+    monkeypatch.setattr(ShardReader, "defer_checks_from_bytes", 0)  # 32^3 volumes: defer them too
+    ds = ShardDataset(shards, "train")
+    k, index = int(ds._shard[1]), int(ds._index[1])
+    offset, size = _chunk_span(shards / shard_name(k), index)
+    pos = offset + size // 2 if where == "payload" else offset + size - 2  # the last 4 bytes hold the checksum
+    with open(shards / shard_name(k), "r+b") as fh:
+        fh.seek(pos)
+        byte = fh.read(1)
+        fh.seek(pos)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    ds = ShardDataset(shards, "train")
+    ds.buffer_pool = BufferPool()
+    with pytest.raises(ShardError, match=rf"{shard_name(k)}: subject {ds.subject_ids[1]} \(volume {index}\): checksum mismatch"):
+        ds.read_batch([0, 1, 2])
+    batch = ds.read_batch([0, 2, 3])
+    assert ds.buffer_pool.allocated == 1, "the failed batch's buffer was not handed back"
+    reader = ShardReader(shards)
+    for j, i in enumerate([0, 2, 3]):
+        np.testing.assert_array_equal(batch["image"][j].numpy(), reader.read(ds.subject_ids[i]))
+    recycle(batch["image"])
+
+
+def test_item4_a_shard_truncated_while_open_is_one_line(shards: Path) -> None:
+    """The file shrinks under a running loader (another process rewrote it): the next read of a cut chunk says so."""
+    ds = ShardDataset(shards, "train")
+    ds.read_batch([0])  # the shard is open now
+    k, index = int(ds._shard[0]), int(ds._index[0])
+    last = max((i for i in range(len(ds)) if int(ds._shard[i]) == k), key=lambda i: int(ds._index[i]))
+    assert int(ds._index[last]) > index
+    offset, size = _chunk_span(shards / shard_name(k), int(ds._index[last]))
+    with open(shards / shard_name(k), "r+b") as fh:
+        fh.truncate(offset + size // 2)
+    with pytest.raises(ShardError, match=rf"{shard_name(k)}: subject {ds.subject_ids[last]} .*truncated"):
+        ds.read_batch([last])
