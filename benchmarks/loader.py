@@ -390,7 +390,6 @@ def _worker_band(rates: dict[int, Any], caches: list[str], batch_mb: float) -> s
     cache = "warm" if "warm" in caches else caches[0]
     if w == 0:
         return "Only 0 workers were measured."
-    vals = {name: median(v[cache]) for name, v in rates[w].items() if name != "HDF5 shards + batch_to_device (float32, CPU)"}
     ram = min(median(rates[w][k][cache]) for k in ("HDF5 shards, data.cache=memory", "MONAI CacheDataset (in RAM)"))
     files = [median(rates[w][k][cache]) for k in (HDF5, *FILE_ALTERNATIVES[1:])]
     return (f"With {w} workers ({cache}) the file loaders land within {min(files):.0f}-{max(files):.0f} vol/s and even the "

@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
-from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import math
 import os
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
