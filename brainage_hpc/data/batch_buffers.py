@@ -22,21 +22,23 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-__all__ = ["TRAILER_BYTES", "BufferPool", "recycle"]
+__all__ = ["TRAILER_BYTES", "BufferPool", "buffer_id", "recycle"]
 
 _MAGIC = b"bahpcbf1"  # 8 bytes: this storage ends in a pool trailer
-TRAILER_BYTES = 16  # magic (8) + state (1) + padding (7)
+TRAILER_BYTES = 24  # magic (8), state (1), padding (3), owner pid (uint32), serial (uint64)
 _FREE, _BUSY, _UNPOOLED = 0, 1, 2
 _STATE = 8  # offset of the state byte in the trailer
 
 
-def _trailer(storage: torch.UntypedStorage) -> torch.Tensor:
-    """The last 16 bytes of ``storage`` as a uint8 tensor (a view: writes reach shared memory)."""
+def _trailer(storage: torch.UntypedStorage) -> np.ndarray:
+    """The trailer (last bytes) of ``storage`` as a numpy uint8 view (writes reach shared memory; no tensor calls,
+    which the trainer's sync counter would count)."""
     n = storage.nbytes()
-    return torch.empty(0, dtype=torch.uint8).set_(storage, n - TRAILER_BYTES, (TRAILER_BYTES,))
+    return torch.empty(0, dtype=torch.uint8).set_(storage, n - TRAILER_BYTES, (TRAILER_BYTES,)).numpy()
 
 
 def recycle(tensor: torch.Tensor) -> bool:
@@ -51,10 +53,24 @@ def recycle(tensor: torch.Tensor) -> bool:
     if storage.nbytes() < TRAILER_BYTES or storage.device.type != "cpu":
         return False
     tail = _trailer(storage)
-    if bytes(tail[:8].tolist()) != _MAGIC or int(tail[_STATE]) != _BUSY:
+    if tail[:8].tobytes() != _MAGIC or tail[_STATE] != _BUSY:
         return False
     tail[_STATE] = _FREE
     return True
+
+
+def buffer_id(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(owner pid, serial) of the pool buffer behind ``tensor``, ``None`` for any other tensor.
+
+    The same pair for two batches means the second reused the first's memory (tests, debugging).
+    """
+    storage = tensor.untyped_storage()
+    if storage.nbytes() < TRAILER_BYTES or storage.device.type != "cpu":
+        return None
+    tail = _trailer(storage)
+    if tail[:8].tobytes() != _MAGIC:
+        return None
+    return int(tail[12:16].view(np.uint32)[0]), int(tail[16:24].view(np.uint64)[0])
 
 
 class BufferPool:
@@ -72,7 +88,7 @@ class BufferPool:
     def __init__(self, max_buffers: int = 6) -> None:
         self.max_buffers = max_buffers
         self._pid = os.getpid()
-        self._buffers: dict[tuple[int, bool], list[torch.Tensor]] = {}
+        self._buffers: dict[tuple[int, bool], list[tuple[torch.Tensor, np.ndarray]]] = {}  # (buffer, its trailer)
         self.allocated = 0  # buffers made (pooled or not), for tests and benchmarks
 
     def __getstate__(self) -> dict[str, object]:
@@ -88,17 +104,18 @@ class BufferPool:
         shared = get_worker_info() is not None
         key = (nbytes, pin and not shared)
         pool = self._buffers.setdefault(key, [])
-        for full in pool:
-            tail = full[nbytes:]
-            if int(tail[_STATE]) == _FREE:
+        for full, tail in pool:
+            if tail[_STATE] == _FREE:
                 tail[_STATE] = _BUSY
                 return full[:nbytes]
         full = self._allocate(nbytes + TRAILER_BYTES, shared, key[1])
-        tail = full[nbytes:]
-        tail[:8] = torch.frombuffer(bytearray(_MAGIC), dtype=torch.uint8)
+        tail = full[nbytes:].numpy()
+        tail[:8] = np.frombuffer(_MAGIC, dtype=np.uint8)
+        tail[12:16] = np.frombuffer(np.uint32(os.getpid() % 2**32).tobytes(), dtype=np.uint8)
+        tail[16:24] = np.frombuffer(np.uint64(self.allocated).tobytes(), dtype=np.uint8)
         tail[_STATE] = _BUSY
         if len(pool) < self.max_buffers:
-            pool.append(full)
+            pool.append((full, tail))
         else:
             tail[_STATE] = _UNPOOLED  # recycle() ignores it; freed when the batch is dropped
         return full[:nbytes]

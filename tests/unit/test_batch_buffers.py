@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from brainage_hpc.data.batch_buffers import TRAILER_BYTES, BufferPool, recycle
+from brainage_hpc.data.batch_buffers import TRAILER_BYTES, BufferPool, buffer_id, recycle
 
 
 def test_a_buffer_is_reused_only_after_recycle() -> None:
@@ -17,6 +17,7 @@ def test_a_buffer_is_reused_only_after_recycle() -> None:
     assert not recycle(a)  # already free: nothing to do
     c = pool.take(1000)
     assert c.data_ptr() == a.data_ptr() and pool.allocated == 2
+    assert buffer_id(c) == buffer_id(a) != buffer_id(b) and buffer_id(torch.zeros(100)) is None
 
 
 def test_busy_buffers_are_never_handed_out_and_the_pool_is_bounded() -> None:
