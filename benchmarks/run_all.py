@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, str] = {
     "loader": "HDF5 loader vs nibabel / MONAI / .npy at equal batches, and vs the raw read (targets ≥ 1.0x, ≥ 50 %)",
     "trainer_overhead": "our trainer vs a bare PyTorch loop, paired bootstrap CI (target: upper bound ≤ 5 % slower)",
     "ddp_scaling": "DDP on CPU, 1 vs 2 processes at equal per-rank batch (target ≥ 1.6x), end-to-end wall time",
+    "syncs": "host-device syncs per training step, counted on CPU, now and before the sync-free step (issue 17.4)",
     "amp": "fp32 vs bf16 autocast throughput on CPU",
     "exit_stress": "clean exit of 2-process gloo runs (the os._exit shutdown)",
     "gpu": "GPU throughput, memory, busy share, data wait, host-device syncs per step (needs a GPU)",

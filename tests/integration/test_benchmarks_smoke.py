@@ -29,6 +29,7 @@ SMOKE: dict[str, list[str]] = {
     "loader": [],
     "trainer_overhead": [],
     "ddp_scaling": DDP_SHAPE,
+    "syncs": [],
     "amp": ["--configs", "cnn_demo"],
     "exit_stress": ["--runs", "2"],
     "raw_pipeline": [],

@@ -6,59 +6,20 @@ On CPU nothing stalls, so the test counts the Python-level calls that would stal
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-import torch
 
 from tests.conftest import train_overrides
 
 pytestmark = pytest.mark.slow
-_SYNCING = ("item", "tolist", "__bool__", "__float__", "__int__")
 
 
 def count_step_syncs(shards, run_dir, steps: int, *extra: str) -> int:
     """Syncing tensor calls made inside ``Trainer.train_epoch`` over ``steps`` optimizer steps."""
-    from brainage_hpc.config import load_config
-    from brainage_hpc.engine.run import build_trainer
+    from benchmarks.sync_counter import count_train_syncs
 
-    cfg = load_config("cnn_demo", train_overrides(
+    return count_train_syncs(train_overrides(
         shards, "cnn3d", "train.backend=single", "train.precision=32", f"train.max_steps={steps}", "train.epochs=100",
-        "train.ckpt_every_steps=0", *extra))
-    run_dir.mkdir(parents=True)
-    trainer = build_trainer(cfg, run_dir)
-    state = {"on": False, "n": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in _SYNCING}
-
-    def counting(name):
-        original = originals[name]
-
-        def wrapper(self, *args, **kwargs):
-            # the DataLoader draws its per-epoch base seed with .item() of a CPU generator: no device involved
-            if state["on"] and not sys._getframe(1).f_globals.get("__name__", "").startswith("torch.utils.data"):
-                state["n"] += 1
-            return original(self, *args, **kwargs)
-        return wrapper
-
-    epoch = trainer.train_epoch
-
-    def counted_epoch():
-        state["on"] = True
-        try:
-            return epoch()
-        finally:
-            state["on"] = False
-
-    trainer.train_epoch = counted_epoch
-    for name in _SYNCING:
-        setattr(torch.Tensor, name, counting(name))
-    try:
-        assert trainer.fit("none") == "completed"
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-        trainer.logger.close()
-    return state["n"]
+        "train.ckpt_every_steps=0", *extra), run_dir)
 
 
 @pytest.mark.parametrize("accum", [1, 2])
