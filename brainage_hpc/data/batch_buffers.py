@@ -8,8 +8,8 @@ fresh shared buffer per batch, 2,500 vol/s with reused ones.
 
 Reuse is only safe once the consumer is done with a batch, and only the consumer
 knows when that is; so the pool never guesses. :meth:`BufferPool.take` returns a
-buffer marked *busy* in a 16-byte trailer after its payload (a magic and a
-state byte, in the same shared memory the worker wrote); :func:`recycle` marks it
+buffer marked *busy* in a 24-byte trailer after its payload (a magic, a state
+byte, the owner's pid and a serial, in the same shared memory the worker wrote); :func:`recycle` marks it
 *free*, from whichever process holds the batch; the pool hands out only free
 buffers. A consumer that never calls :func:`recycle` gets a fresh buffer per batch
 once ``max_buffers`` are busy: slower, never wrong. The trainer's device step
@@ -41,6 +41,15 @@ def _trailer(storage: torch.UntypedStorage) -> np.ndarray:
     return torch.empty(0, dtype=torch.uint8).set_(storage, n - TRAILER_BYTES, (TRAILER_BYTES,)).numpy()
 
 
+def _pool_trailer(tensor: torch.Tensor) -> np.ndarray | None:
+    """The trailer of the pool buffer behind ``tensor``, ``None`` when its storage is not one."""
+    storage = tensor.untyped_storage()
+    if storage.nbytes() < TRAILER_BYTES or storage.device.type != "cpu":
+        return None
+    tail = _trailer(storage)
+    return tail if tail[:8].tobytes() == _MAGIC else None
+
+
 def recycle(tensor: torch.Tensor) -> bool:
     """Hand the pool buffer behind ``tensor`` back: its owner may overwrite it from now on.
 
@@ -49,11 +58,8 @@ def recycle(tensor: torch.Tensor) -> bool:
     Returns:
         Whether a busy pool buffer was released (``False`` for any other tensor).
     """
-    storage = tensor.untyped_storage()
-    if storage.nbytes() < TRAILER_BYTES or storage.device.type != "cpu":
-        return False
-    tail = _trailer(storage)
-    if tail[:8].tobytes() != _MAGIC or tail[_STATE] != _BUSY:
+    tail = _pool_trailer(tensor)
+    if tail is None or tail[_STATE] != _BUSY:
         return False
     tail[_STATE] = _FREE
     return True
@@ -64,11 +70,8 @@ def buffer_id(tensor: torch.Tensor) -> tuple[int, int] | None:
 
     The same pair for two batches means the second reused the first's memory (tests, debugging).
     """
-    storage = tensor.untyped_storage()
-    if storage.nbytes() < TRAILER_BYTES or storage.device.type != "cpu":
-        return None
-    tail = _trailer(storage)
-    if tail[:8].tobytes() != _MAGIC:
+    tail = _pool_trailer(tensor)
+    if tail is None:
         return None
     return int(tail[12:16].view(np.uint32)[0]), int(tail[16:24].view(np.uint64)[0])
 

@@ -2,8 +2,8 @@
 
 Shards store ``image`` with HDF5's ``fletcher32`` filter: HDF5 appends a 4-byte
 checksum to every chunk (one volume) and verifies it on every filtered read. The
-fast read path of :mod:`brainage_hpc.data.shards` reads chunks directly
-(``read_direct_chunk``), which bypasses the filters, so it verifies the checksum
+fast read path of :mod:`brainage_hpc.data.shards` reads chunks' bytes directly
+(``os.preadv`` at the chunk's offset), which bypasses the filters, so it verifies the checksum
 itself with :func:`fletcher32`.
 
 HDF5's algorithm (``H5_checksum_fletcher32``) sums big-endian 16-bit words:

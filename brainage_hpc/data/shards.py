@@ -241,9 +241,9 @@ class ShardReader:
     manifest's is refused with :class:`ShardMismatchError`; a damaged volume
     with :class:`ShardError` (see the module docstring).
 
-    Uncompressed shards are read chunk by chunk with ``read_direct_chunk`` into
-    a reused buffer (no HDF5 type conversion, no fresh allocation) and the
-    Fletcher-32 of each chunk is verified here; compressed ones go through
+    Uncompressed shards are read chunk by chunk with ``os.preadv`` at the chunk's
+    offset in the file (no HDF5 type conversion, no fresh allocation, the GIL
+    released) and the Fletcher-32 of each chunk is verified here; compressed ones go through
     HDF5's filters, which verify it.
 
     Args:
@@ -341,8 +341,8 @@ class ShardReader:
                 defer the Fletcher-32 pass: it runs on a helper
                 thread (numpy releases the GIL) while the caller reads the next chunk,
                 and is appended here; :meth:`finish_checks` must follow before the
-                data is used. The stored checksum is still compared with the one
-                recorded at write time right away.
+                data is used (it also compares the stored checksum with the one
+                recorded at write time, after the damage check, as the inline path does).
 
         Raises:
             ShardError: the shard cannot be read, or the volume is damaged or was rewritten.
