@@ -393,9 +393,9 @@ def _worker_band(rates: dict[int, Any], caches: list[str], batch_mb: float) -> s
     ram = min(median(rates[w][k][cache]) for k in ("HDF5 shards, data.cache=memory", "MONAI CacheDataset (in RAM)"))
     files = [median(rates[w][k][cache]) for k in (HDF5, *FILE_ALTERNATIVES[1:])]
     return (f"With {w} workers ({cache}) the file loaders land within {min(files):.0f}-{max(files):.0f} vol/s and even the "
-            f"in-RAM ones reach only {ram:.0f}+: each {batch_mb:.1f} MB batch crosses from a worker to the main process, and on "
-            f"{os.cpu_count()} cores the workers, their transfer and the main process share the CPUs. That column "
-            f"measures the DataLoader's process boundary more than the format.")
+            f"in-RAM ones reach {ram:.0f}+: the alternatives' {batch_mb:.1f} MB batches cross from a worker to the main process "
+            f"as new shared memory, one file descriptor per tensor (ours by name once its buffer is mapped), and on "
+            f"{os.cpu_count()} cores the workers, their transfer and the main process share the CPUs.")
 
 
 def _rss_mb() -> float:
@@ -409,8 +409,10 @@ def _rss_mb() -> float:
 def _check_same_batches(contenders: list[Contender]) -> None:
     """Every contender's first batch has the same keys, dtypes, shapes and values."""
     ref: dict[str, Any] | None = None
+    held: list[tuple[Contender, torch.Tensor]] = []  # handed back at the end, as any consumer must
     for c in contenders:
-        batch = next(iter(c.loader))
+        batch = next(iter(c.loader))  # abandons the iteration: the pool takes back what the workers prefetched
+        held.append((c, batch["image"]))
         if c.name.startswith("HDF5 shards + batch_to_device") or "per-item" in c.name:
             continue  # float32 by design (the device step, the old path)
         if ref is None:
@@ -425,6 +427,9 @@ def _check_same_batches(contenders: list[Contender]) -> None:
                 same = value == other
             if not same:
                 raise RuntimeError(f"{c.name}: batch key {key!r} differs from the HDF5 loader's")
+    for c, image in held:
+        if c.release is not None:
+            c.release(image)
 
 
 def _cell(values: list[float]) -> str:
@@ -484,7 +489,12 @@ def _result(args: argparse.Namespace, argv: list[str] | None, machine: dict[str,
         f"fletcher32 check ({check:.2f} ms) after it, and the kernel mapping a fresh 16 MB batch tensor page by page. "
         f"Now {now:.2f} ms: the batch buffer is reused once the consumer hands it back (batch_buffers.recycle; in a "
         f"worker it is the same shared-memory file each time), and each chunk's checksum runs on a helper thread while "
-        f"the next chunk is read (numpy releases the GIL); every read is still verified before the batch is returned.",
+        f"the next chunk is read (numpy releases the GIL); every read is still verified before the batch is returned. "
+        f"With workers two more costs went: torch sent every shared tensor of a batch (image and four small fields) by "
+        f"passing a file descriptor over a new socket to the worker's resource-sharer thread, ~25 ms to an epoch's first "
+        f"batch; now a batch crosses as a WireBatch (the buffer once, then by (pid, serial); small fields by value). And "
+        f"each abandoned iteration (here: the first-batch check) lost the batches the workers had prefetched, shrinking "
+        f"the pools for good; now they are reclaimed (batch_buffers: lease per iteration).",
         f"{len(ds)} synthetic subjects preprocessed once to {'x'.join(map(str, ds.shape))} float16 ({vol_mb:.1f} MB per volume); "
         f"batch {args.batch}; every contender gives the same batch (keys, dtypes, values checked on the first batch) in the same "
         f"order; vol/s = median of {args.repeats} interleaved epochs after one priming epoch (workers persistent, forked).",

@@ -175,7 +175,7 @@ class ShardDataset(Dataset):
         else:
             self._get_reader().read_into(int(self._shard[i]), int(self._index[i]), out, padded=padded, checks=checks)
 
-    def read_batch(self, keys: Sequence[int | tuple[int, int]]) -> dict[str, Any]:
+    def read_batch(self, keys: Sequence[int | tuple[int, int]], lease: tuple[int, int] | None = None) -> dict[str, Any]:
         """Items ``keys`` (indices, or ``(index, transform_seed)``) as one batch.
 
         The volumes are copied from their chunks straight into one (B, 1, D, H, W)
@@ -186,7 +186,9 @@ class ShardDataset(Dataset):
         memory otherwise; it comes from :attr:`buffer_pool` when one is set (hand it
         back with :func:`brainage_hpc.data.batch_buffers.recycle`). Without a transform the
         image stays float16, as stored; convert it on the device (see
-        :func:`brainage_hpc.data.loader.batch_to_device`).
+        :func:`brainage_hpc.data.loader.batch_to_device`). ``lease`` is the loader iteration the batch is for
+        (see :class:`~brainage_hpc.data.batch_buffers.Iterations`): it lets the pool reuse buffers that an
+        abandoned iteration prefetched and nobody received.
 
         Returns:
             ``image`` (B, 1, D, H, W) float16, or float32 when :attr:`transform`
@@ -204,7 +206,7 @@ class ShardDataset(Dataset):
             vb = self.volume_bytes
             nbytes = len(pairs) * vb + CHECKSUM_BYTES
             pool = self.buffer_pool
-            raw = pool.take(nbytes, self.pin_batches) if pool is not None else _batch_tensor((nbytes,), torch.uint8, self.pin_batches)
+            raw = pool.take(nbytes, self.pin_batches, lease) if pool is not None else _batch_tensor((nbytes,), torch.uint8, self.pin_batches)
             image = raw[: len(pairs) * vb].view(torch.float16).view(shape)  # (B, 1, D, H, W)
             self._fill_slots(idx, raw)
         else:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -36,10 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
 
 from brainage_hpc.config import RunConfig
-from brainage_hpc.data.batch_buffers import BufferPool, recycle
+from brainage_hpc.data.batch_buffers import BufferPool, MappedBuffers, WireBatch, mark_delivered, recycle, to_wire
 from brainage_hpc.data.dataset import BrainSampler, ShardDataset
 from brainage_hpc.data.transforms import DeviceAugment, train_transforms
 
@@ -125,8 +126,64 @@ class _Batches(Dataset):
     def __getitem__(self, key: Any) -> dict[str, Any]:
         return self.dataset.read_batch([key])
 
-    def __getitems__(self, keys: list[Any]) -> dict[str, Any]:
-        return self.dataset.read_batch(keys)
+    def __getitems__(self, keys: list[Any]) -> dict[str, Any] | WireBatch:
+        batch = self.dataset.read_batch(keys, getattr(keys, "lease", None))
+        if get_worker_info() is not None and self.dataset.buffer_pool is not None:
+            return to_wire(batch)  # the main process's _BatchLoader turns it back into the same dict
+        return batch
+
+
+class _LeasedKeys(list):  # type: ignore[type-arg]
+    """One batch's keys and the (loader token, iteration) they were drawn for (pickled with them to the worker)."""
+
+    lease: tuple[int, int] | None = None
+
+
+class _LeasedBatches(Sampler[list[Any]]):
+    """``BatchSampler`` whose batches carry the lease of the iteration that drew them."""
+
+    def __init__(self, sampler: Iterable[Any], batch_size: int, drop_last: bool) -> None:
+        self.batches = BatchSampler(sampler, batch_size, drop_last)  # type: ignore[arg-type]
+        self.token = int.from_bytes(os.urandom(4), "little") | 1  # names this loader; never 0
+        self.iteration = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return self._tagged((self.token, self.iteration))
+
+    def _tagged(self, lease: tuple[int, int]) -> Iterator[list[Any]]:
+        for keys in self.batches:
+            out = _LeasedKeys(keys)
+            out.lease = lease
+            yield out
+
+
+class _BatchLoader(DataLoader):
+    """The DataLoader over :class:`_Batches`: numbers its iterations and marks each batch it yields delivered.
+
+    So the workers' buffer pools take back the batches an abandoned iteration
+    (``break``, ``next(iter(loader))``) had prefetched; see
+    :mod:`brainage_hpc.data.batch_buffers`. What it yields is unchanged.
+    """
+
+    def __init__(self, dataset: _Batches, *, batch_size: int, sampler: Iterable[Any], drop_last: bool,
+                 **kw: Any) -> None:
+        super().__init__(dataset, batch_sampler=_LeasedBatches(sampler, batch_size, drop_last), **kw)
+        self._mapped = MappedBuffers()  # the workers' batch buffers, each received once
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        leased = self.batch_sampler
+        assert isinstance(leased, _LeasedBatches)
+        leased.iteration = (leased.iteration + 1) % 2**32  # before this iteration's first batch is drawn
+        if not (self.persistent_workers and self._iterator is not None):
+            self._mapped.clear()  # new worker processes: new buffers
+        for batch in super().__iter__():
+            if isinstance(batch, WireBatch):
+                batch = self._mapped.from_wire(batch)
+            mark_delivered(batch.get("image"))
+            yield batch
 
 
 def _keep_batch(batch: dict[str, Any]) -> dict[str, Any]:
@@ -170,22 +227,24 @@ class _DeviceLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         in_flight: list[tuple[Any, torch.Tensor]] = []  # (CUDA event, host image) of asynchronous copies
-        for batch in self.loader:
-            out = batch_to_device(batch, self.device)
-            host, dev = batch.get("image"), out.get("image")
-            in_flight = _recycle_done(in_flight)
-            if isinstance(host, torch.Tensor) and isinstance(dev, torch.Tensor) and not _shares_memory(host, dev):
-                if host.is_pinned() and dev.is_cuda:
-                    event = torch.cuda.Event()
-                    event.record()
-                    in_flight.append((event, host))
-                else:
-                    recycle(host)
-            del batch, host, dev
-            yield out
-        for event, host_image in in_flight:
-            event.synchronize()
-            recycle(host_image)
+        try:
+            for batch in self.loader:
+                out = batch_to_device(batch, self.device)
+                host, dev = batch.get("image"), out.get("image")
+                in_flight = _recycle_done(in_flight)
+                if isinstance(host, torch.Tensor) and isinstance(dev, torch.Tensor) and not _shares_memory(host, dev):
+                    if host.is_pinned() and dev.is_cuda:
+                        event = torch.cuda.Event()
+                        event.record()
+                        in_flight.append((event, host))
+                    else:
+                        recycle(host)
+                del batch, host, dev
+                yield out
+        finally:  # also when the consumer stops early: the copies still in flight finish first
+            for event, host_image in in_flight:
+                event.synchronize()
+                recycle(host_image)
 
 
 def _recycle_done(in_flight: list[tuple[Any, torch.Tensor]]) -> list[tuple[Any, torch.Tensor]]:
@@ -351,7 +410,7 @@ def build_loader(
         indices = list(range(rank, len(dataset), world_size))
         if d.cache in ("memory", "gpu"):  # eval never goes GPU-resident: it is read once per evaluation
             dataset.cache_volumes(indices)
-        loader = DataLoader(_Batches(dataset), batch_size=micro_batch, sampler=indices, drop_last=False,
+        loader = _BatchLoader(_Batches(dataset), batch_size=micro_batch, sampler=indices, drop_last=False,
                             **_dataloader_kwargs(cfg, device, rank))
         return LoaderBundle(_DeviceLoader(loader, device), None, dataset, None, math.ceil(len(indices) / micro_batch))
 
@@ -380,7 +439,7 @@ def build_loader(
     cpu_aug = use_aug and aug.device == "cpu"
     dataset.transform = train_transforms(aug, seed=_item_seed(seed, 0, rank, 2**31 + 1)) if cpu_aug else None
     dev_aug = DeviceAugment(aug, seed=_item_seed(seed, 0, rank, 2**31)) if use_aug and aug.device == "gpu" else None
-    loader = DataLoader(
+    loader = _BatchLoader(
         _Batches(dataset), batch_size=micro_batch, sampler=_SeededSampler(sampler), drop_last=True,
         **_dataloader_kwargs(cfg, device, rank),
     )

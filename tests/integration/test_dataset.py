@@ -152,6 +152,53 @@ def test_reused_batch_buffers_never_change_a_batch(shards: Path, workers: int, m
     cap = max(workers, 1) * (cfg.data.prefetch_factor + 3)  # BufferPool's max_buffers per process
     assert None not in ids and len(ids) == 4 * len(bundle) > cap
     assert len(set(ids)) <= cap, f"{len(set(ids))} buffers for {len(ids)} batches: they were not reused"
+    if workers:  # each worker buffer crossed to this process once, then by name
+        assert 0 < len(bundle.loader.loader._mapped) <= cap
+
+
+def test_fresh_workers_every_epoch_send_their_own_buffers(shards: Path) -> None:
+    """Without persistent workers each epoch forks new workers with new buffers: the main process forgets the
+    old mappings (bounded memory) and every batch is still the stored one."""
+    from brainage_hpc.data.batch_buffers import recycle
+
+    cfg = _cfg(shards, num_workers=2, persistent_workers=False, start_method="fork")
+    bundle = build_loader(cfg, "train", train=True, micro_batch=2, rank=0, world_size=1, device=CPU)
+    reader = ShardReader(shards)
+    for epoch in (1, 2, 3):
+        bundle.sampler.set_epoch(epoch)
+        for b in bundle.loader.loader:
+            assert torch.equal(b["image"], torch.stack([torch.from_numpy(reader.read(s)) for s in b["subject_id"]]))
+            recycle(b["image"])
+        assert len(bundle.loader.loader._mapped) <= 2 * (cfg.data.prefetch_factor + 3)
+
+
+def test_abandoned_iterations_do_not_drain_the_worker_pools(shards: Path) -> None:
+    """``next(iter(loader))`` with persistent workers drops the batches they prefetched; their buffers come
+    back to the pools (no buffer beyond the pool's size is ever made), while the batches that were delivered
+    and kept stay intact."""
+    from brainage_hpc.data.batch_buffers import buffer_id, recycle
+
+    cfg = _cfg(shards, num_workers=2, persistent_workers=True, start_method="fork")
+    bundle = build_loader(cfg, "train", train=True, micro_batch=2, rank=0, world_size=1, device=CPU)
+    reader = ShardReader(shards)
+    per_worker = cfg.data.prefetch_factor + 3  # BufferPool's max_buffers
+    kept = None
+    for epoch in range(1, 5):  # each abandoned iteration drops up to 2 x prefetch_factor - 1 prefetched batches
+        bundle.sampler.set_epoch(epoch)
+        first = next(iter(bundle.loader.loader))
+        if kept is None:
+            kept = first  # delivered and held: its buffer must not be reused
+        else:
+            recycle(first["image"])
+    ids = []
+    for epoch in range(4, 8):
+        bundle.sampler.set_epoch(epoch)
+        for b in bundle.loader.loader:
+            ids.append(buffer_id(b["image"]))
+            recycle(b["image"])
+    serials = sorted({serial for _, serial in ids})
+    assert None not in ids and serials[-1] <= per_worker, f"buffers {serials} made: the abandoned ones were lost"
+    assert kept is not None and torch.equal(kept["image"], torch.stack([torch.from_numpy(reader.read(s)) for s in kept["subject_id"]]))
 
 
 def test_resume_mid_epoch_through_the_loader(shards: Path) -> None:

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
-from brainage_hpc.data.batch_buffers import TRAILER_BYTES, BufferPool, buffer_id, recycle
+from brainage_hpc.data.batch_buffers import (
+    TRAILER_BYTES,
+    BufferPool,
+    MappedBuffers,
+    WireBatch,
+    buffer_id,
+    mark_delivered,
+    recycle,
+    to_wire,
+)
 
 
 def test_a_buffer_is_reused_only_after_recycle() -> None:
@@ -37,3 +48,50 @@ def test_sizes_are_pooled_apart_and_foreign_tensors_are_ignored() -> None:
     assert pool.take(200).data_ptr() != a.data_ptr()
     plain = torch.zeros(100, dtype=torch.uint8)
     assert not recycle(plain) and not recycle(torch.zeros(3)) and int(plain.sum()) == 0
+
+
+def test_an_abandoned_iterations_undelivered_buffers_are_reclaimed_delivered_ones_never() -> None:
+    """What a worker does after ``next(iter(loader))``: the batches it prefetched were dropped unseen."""
+    pool = BufferPool(max_buffers=3)
+    first, other = (7, 1), (9, 1)  # (loader token, iteration)
+    delivered, dropped, foreign = pool.take(64, lease=first), pool.take(64, lease=first), pool.take(64)
+    mark_delivered(delivered)
+    mark_delivered(torch.zeros(3))  # not a pool buffer: ignored
+    assert pool.take(64, lease=first).data_ptr() not in {t.data_ptr() for t in (delivered, dropped, foreign)}
+    assert pool.take(64, lease=other).data_ptr() not in {delivered.data_ptr(), dropped.data_ptr()}
+    second = (7, 2)  # the loader's next iteration: only its busy buffer of the earlier one comes back
+    again = pool.take(64, lease=second)
+    assert again.data_ptr() == dropped.data_ptr() and buffer_id(again) == buffer_id(dropped)
+    assert pool.take(64, lease=second).data_ptr() not in {delivered.data_ptr(), foreign.data_ptr()}
+    assert recycle(delivered)  # a delivered buffer comes back only through recycle
+    assert pool.take(64, lease=second).data_ptr() == delivered.data_ptr()
+
+
+def test_a_pooled_batch_crosses_once_then_by_name() -> None:
+    """to_wire (worker) / MappedBuffers (main): the buffer travels until the main process has mapped it."""
+    pool = BufferPool(max_buffers=1)
+
+    def batch() -> dict:
+        image = pool.take(2 * 3 * 2).view(torch.float16).view(2, 1, 3)
+        image.copy_(torch.arange(6, dtype=torch.float16).view(2, 1, 3))
+        return {"image": image, "age": torch.tensor([20.0, 30.0]), "subject_id": ["a", "b"]}
+
+    mapped = MappedBuffers()
+    first = batch()
+    wire = to_wire(first)
+    assert isinstance(wire, WireBatch) and wire.storage is not None and isinstance(wire.fields["age"], np.ndarray)
+    got = mapped.from_wire(wire)
+    assert torch.equal(got["image"], first["image"]) and got["image"].dtype == torch.float16
+    assert torch.equal(got["age"], first["age"]) and got["subject_id"] == ["a", "b"]
+    assert recycle(got["image"])
+    again = to_wire(batch())  # the same buffer: by name only
+    assert isinstance(again, WireBatch) and again.storage is None and again.key == wire.key
+    second = mapped.from_wire(again)
+    assert torch.equal(second["image"], first["image"]) and len(mapped) == 1
+    assert isinstance(to_wire(batch()), dict)  # the pool's one buffer is busy: an unpooled one goes as it is
+    assert recycle(second["image"])
+    mapped.clear()  # its workers are gone: a live one would send the buffer again
+    resent = to_wire(batch())
+    assert isinstance(resent, WireBatch) and resent.storage is not None and len(mapped) == 0
+    with pytest.raises(RuntimeError, match="never received"):
+        MappedBuffers().from_wire(WireBatch((1, 2), None, (1,), torch.float16, {}))
