@@ -33,7 +33,7 @@ from brainage_hpc.data.batch_buffers import BufferPool, recycle
 from brainage_hpc.data.checksum import CHECKSUM_BYTES
 from brainage_hpc.data.sampler import BrainSampler
 from brainage_hpc.data.shard_checks import check_shards, warn_if_unchecked
-from brainage_hpc.data.shards import Manifest, PendingCheck, ShardReader, load_manifest
+from brainage_hpc.data.shards import Manifest, PendingCheck, ShardError, ShardReader, load_manifest
 
 __all__ = ["TASKS", "BrainSampler", "ShardDataset"]
 
@@ -236,8 +236,15 @@ class ShardDataset(Dataset):
             uncached = [int(i) for i in idx if self._cache is None or self._cache_pos[i] < 0]
             if len(uncached) > 1:  # cold cache: the kernel fetches all chunks at once
                 self._get_reader().prefetch([(int(self._shard[i]), int(self._index[i])) for i in uncached])
+            last = len(idx) - 1  # its check runs here, while the helper thread finishes the others
             for j, i in enumerate(idx):
-                self._read_into(int(i), flat[j * vb : (j + 1) * vb + CHECKSUM_BYTES], padded=True, checks=checks)
+                try:
+                    self._read_into(int(i), flat[j * vb : (j + 1) * vb + CHECKSUM_BYTES], padded=True,
+                                    checks=checks if j < last else None)
+                except ShardError:
+                    if checks:  # an earlier volume's verdict comes first, as in read order
+                        self._get_reader().finish_checks(checks)
+                    raise
             if checks:
                 self._get_reader().finish_checks(checks)
         except BaseException:

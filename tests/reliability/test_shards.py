@@ -209,6 +209,31 @@ def test_item4_batch_reads_verify_on_the_helper_thread(shards: Path, where: str,
     recycle(batch["image"])
 
 
+def test_item4_two_damaged_volumes_in_a_batch_report_the_first_read(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last volume of a batch is checked inline while the helper thread checks the others: with the first and
+    the last damaged, the error still names the first (read order), and the buffer goes back to the pool."""
+    from brainage_hpc.data.batch_buffers import BufferPool
+
+    monkeypatch.setattr(ShardReader, "defer_checks_from_bytes", 0)
+    ds = ShardDataset(shards, "train")
+    for i in (0, 3):
+        k, index = int(ds._shard[i]), int(ds._index[i])
+        offset, size = _chunk_span(shards / shard_name(k), index)
+        with open(shards / shard_name(k), "r+b") as fh:
+            fh.seek(offset + size // 3)
+            byte = fh.read(1)
+            fh.seek(offset + size // 3)
+            fh.write(bytes([byte[0] ^ 0x10]))
+    ds = ShardDataset(shards, "train")
+    ds.buffer_pool = BufferPool()
+    first = rf"subject {ds.subject_ids[0]} \(volume {int(ds._index[0])}\): checksum mismatch"
+    with pytest.raises(ShardError, match=first):
+        ds.read_batch([0, 1, 2, 3])
+    with pytest.raises(ShardError, match=rf"subject {ds.subject_ids[3]} .*checksum mismatch"):
+        ds.read_batch([1, 2, 4, 3])  # the last one alone: the inline check
+    assert ds.buffer_pool.allocated == 1, "a failed batch's buffer was not handed back"
+
+
 def test_item4_a_shard_truncated_while_open_is_one_line(shards: Path) -> None:
     """The file shrinks under a running loader (another process rewrote it): the next read of a cut chunk says so."""
     ds = ShardDataset(shards, "train")
