@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from brainage_hpc.outputs import prepare_output_dir
+
 __all__ = ["add_arguments", "run", "run_tabular"]
 
 log = logging.getLogger(__name__)
@@ -203,8 +205,7 @@ def run_tabular(
         )
         for k in idx
     ]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out, "tabular folder")
     write_json(out / "metrics.json", metrics)
     with atomic_path(out / "predictions.csv") as tmp:
         pd.concat(frames, ignore_index=True).to_csv(tmp, index=False)

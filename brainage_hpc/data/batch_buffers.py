@@ -229,7 +229,7 @@ class MappedBuffers:
         storage = self._storages.get(wire.key)
         if storage is None:
             raise RuntimeError(f"batch buffer {wire.key} was never received by this process (a stale worker?)")
-        nbytes = math.prod(wire.shape) * torch.empty(0, dtype=wire.dtype).element_size()
+        nbytes = math.prod(wire.shape) * wire.dtype.itemsize
         image = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,)).view(wire.dtype).view(wire.shape)
         out: dict[str, Any] = {"image": image}
         for k, v in wire.fields.items():

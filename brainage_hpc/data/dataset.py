@@ -186,9 +186,9 @@ class ShardDataset(Dataset):
         memory otherwise; it comes from :attr:`buffer_pool` when one is set (hand it
         back with :func:`brainage_hpc.data.batch_buffers.recycle`). Without a transform the
         image stays float16, as stored; convert it on the device (see
-        :func:`brainage_hpc.data.loader.batch_to_device`). ``lease`` is the loader iteration the batch is for
-        (see :class:`~brainage_hpc.data.batch_buffers.Iterations`): it lets the pool reuse buffers that an
-        abandoned iteration prefetched and nobody received.
+        :func:`brainage_hpc.data.loader.batch_to_device`). ``lease`` is the (loader token, iteration) the batch is
+        for (see :mod:`brainage_hpc.data.batch_buffers`): it lets the pool reuse buffers that an abandoned
+        iteration prefetched and nobody received.
 
         Returns:
             ``image`` (B, 1, D, H, W) float16, or float32 when :attr:`transform`

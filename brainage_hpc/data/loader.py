@@ -177,7 +177,7 @@ class _BatchLoader(DataLoader):
         leased = self.batch_sampler
         assert isinstance(leased, _LeasedBatches)
         leased.iteration = (leased.iteration + 1) % 2**32  # before this iteration's first batch is drawn
-        if not (self.persistent_workers and self._iterator is not None):
+        if not (self.persistent_workers and self._iterator is not None):  # DataLoader keeps persistent workers' iterator there
             self._mapped.clear()  # new worker processes: new buffers
         for batch in super().__iter__():
             if isinstance(batch, WireBatch):

@@ -34,6 +34,7 @@ import pandas as pd
 
 from brainage_hpc.data.shards import Manifest
 from brainage_hpc.evaluation.predict import LoadedModel
+from brainage_hpc.outputs import prepare_output_dir
 
 __all__ = [
     "add_calibrated_columns",
@@ -391,7 +392,7 @@ def evaluate_run(
     else:
         run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
         out_dir = Path(out) if out else run_dir / f"eval-{split}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out_dir, "evaluation folder")
 
     pred, feats = predict_split_features(lm, manifest, split, batch_size)
     val_name, train_name = lm.cfg.data.val_split, lm.cfg.data.train_split

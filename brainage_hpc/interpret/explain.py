@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from brainage_hpc.outputs import prepare_output_dir
+
 __all__ = ["faithfulness_table", "run_explain"]
 
 log = logging.getLogger(__name__)
@@ -102,8 +104,7 @@ def run_explain(
     elif truth_map is not None:
         truth_source = str(truth)
     affine = np.asarray(manifest.affine, dtype=np.float64)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output_dir(out, "explanation folder")
     score = score_fn(lm.model)
     mean_img = images[:, 0].mean(0).numpy()
     results: dict[str, dict[str, Any]] = {}

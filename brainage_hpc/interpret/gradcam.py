@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from brainage_hpc.outputs import prepare_output_dir
+
 __all__ = ["DIRECTIONS", "METHODS", "WEIGHTINGS", "GradCAM3d", "default_layer", "layer_choices", "run_gradcam", "save_overlay"]
 
 METHODS: tuple[str, ...] = ("gradcam", "gradcampp")
@@ -365,8 +367,7 @@ def run_gradcam(
     todo = sorted(set(group) | {index[s] for s in chosen})
     cam = GradCAM3d(lm.model, layer=layer, method=method, direction=direction, weighting=weighting)
     affine = np.asarray(manifest.affine, dtype=np.float64)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output_dir(out, "Grad-CAM folder")
     cam_sum = np.zeros(lm.shape, dtype=np.float64)
     img_sum = np.zeros(lm.shape, dtype=np.float64)
     files, rows = [], []

@@ -27,6 +27,7 @@ from torch import nn
 
 from brainage_hpc.data.shards import Manifest
 from brainage_hpc.evaluation.predict import LoadedModel
+from brainage_hpc.outputs import prepare_output_dir
 
 __all__ = [
     "brain_mask",
@@ -305,8 +306,7 @@ def run_latent(
     if tuple(manifest.shape) != tuple(lm.shape):
         raise ValueError(f"{manifest.root}: shards have shape {tuple(manifest.shape)}, the model was trained on {lm.shape}")
     mu, table = encode_split(lm, manifest, split, batch_size)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output_dir(out, "latent folder")
     cols = [f"mu_{i}" for i in range(mu.shape[1])]
     write_csv(out_dir / "latent.csv", [*table.columns, *cols], [[*r, *m] for r, m in zip(table.values.tolist(), mu.tolist(), strict=True)])
     from brainage_hpc.data.ages import bin_centre
@@ -370,8 +370,7 @@ def run_generate(
     ages = [float(a) for a in ages]
     s = 1.0 if sex == "M" else 0.0
     vols = generate_at_ages(model, ages, s, n, seed)  # (A, n, D, H, W)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output_dir(out, "latent folder")
     files = []
     for a, age in enumerate(ages):
         for k in range(n):

@@ -203,3 +203,17 @@ def test_explain_faults_are_one_line_errors(cnn_run, tiny_shards, tmp_path, caps
     assert main(["explain", "--run-dir", str(cnn_run), "--shards", str(tiny_shards), *extra, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "gradcam", "explain", "latent"])
+def test_an_output_folder_under_a_file_is_one_line(command, cnn_run, cvae_run, tiny_shards, tmp_path, capsys):
+    """--out inside a regular file: one line naming the folder, nothing computed or half written."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    run = cvae_run if command == "latent" else cnn_run
+    extra = {"explain": ["--method", "gradcam", "--truth", "none"]}.get(command, [])
+    capsys.readouterr()
+    rc = main([command, "--run-dir", str(run), "--shards", str(tiny_shards), *extra, "--out", str(blocker / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and err.startswith(f"brainage {command}: error: ") and "\n" not in err, err
+    assert str(blocker) in err and "is not a folder" in err
