@@ -157,6 +157,7 @@ class BufferPool:
                 return full[:nbytes]
         full = self._allocate(nbytes + TRAILER_BYTES, shared, key[1])
         tail = full[nbytes:].numpy()
+        tail[:] = 0  # the memory is uninitialised: no stale state or "mapped" flag
         tail[:8] = np.frombuffer(_MAGIC, dtype=np.uint8)
         tail[12:16] = np.frombuffer(np.uint32(os.getpid() % 2**32).tobytes(), dtype=np.uint8)
         tail[16:24] = np.frombuffer(np.uint64(self.allocated).tobytes(), dtype=np.uint8)

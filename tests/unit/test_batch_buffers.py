@@ -95,3 +95,14 @@ def test_a_pooled_batch_crosses_once_then_by_name() -> None:
     assert isinstance(resent, WireBatch) and resent.storage is not None and len(mapped) == 0
     with pytest.raises(RuntimeError, match="never received"):
         MappedBuffers().from_wire(WireBatch((1, 2), None, (1,), torch.float16, {}))
+
+
+def test_a_new_buffer_starts_with_a_clean_trailer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh memory may hold anything (torch.empty): a stale 'mapped' byte would stop the worker from ever
+    sending the buffer, and the main process could not rebuild the batch."""
+    monkeypatch.setattr(BufferPool, "_allocate", lambda self, n, shared, pin: torch.full((n,), 0xFF, dtype=torch.uint8))
+    pool = BufferPool(max_buffers=2)
+    image = pool.take(12).view(torch.float16).view(2, 1, 3)
+    wire = to_wire({"image": image, "age": torch.zeros(2)})
+    assert isinstance(wire, WireBatch) and wire.storage is not None
+    assert recycle(image) and pool.take(12).data_ptr() == image.data_ptr()
