@@ -267,7 +267,7 @@ def _stage_profile(ds: Any, order: list[int], batch: int) -> list[list[str]]:
         ["after", "fletcher32 check (numpy)", _best(lambda: [fletcher32(v) for v in fp16], n)],
         ["after", "batch read, first version: fresh batch tensor, checksum inline (reads, checks, metadata)",
          _best(lambda: [_inline_batch(ds, order[b:b + batch]) for b in range(0, n - batch + 1, batch)], n)],
-        ["now", "read_batch: reused buffer, each checksum on a helper thread while the next chunk is read (volumes >= 1 MiB)",
+        ["now", "read_batch: reused buffer, each checksum on a helper thread while the next chunk is read, the last one on the calling thread (volumes >= 1 MiB)",
          _best(lambda: [recycle(ds.read_batch(order[b:b + batch])["image"]) for b in range(0, n - batch + 1, batch)], n)],
         ["device", "float16 -> float32 on the CPU (batch_to_device)",
          _best(lambda: [batch_to_device({"image": out}, torch.device("cpu")) for _ in range(n // batch)], n)],
@@ -392,8 +392,8 @@ def _worker_band(rates: dict[int, Any], caches: list[str], batch_mb: float) -> s
         return "Only 0 workers were measured."
     ram = min(median(rates[w][k][cache]) for k in ("HDF5 shards, data.cache=memory", "MONAI CacheDataset (in RAM)"))
     files = [median(rates[w][k][cache]) for k in (HDF5, *FILE_ALTERNATIVES[1:])]
-    return (f"With {w} workers ({cache}) the file loaders land within {min(files):.0f}-{max(files):.0f} vol/s and even the "
-            f"in-RAM ones reach {ram:.0f}+: the alternatives' {batch_mb:.1f} MB batches cross from a worker to the main process "
+    return (f"With {w} workers ({cache}) the file loaders land within {min(files):.0f}-{max(files):.0f} vol/s and the "
+            f"in-RAM ones reach {ram:.0f} or more: the alternatives' {batch_mb:.1f} MB batches cross from a worker to the main process "
             f"as new shared memory, one file descriptor per tensor (ours by name once its buffer is mapped), and on "
             f"{os.cpu_count()} cores the workers, their transfer and the main process share the CPUs.")
 
@@ -489,7 +489,7 @@ def _result(args: argparse.Namespace, argv: list[str] | None, machine: dict[str,
         f"fletcher32 check ({check:.2f} ms) after it, and the kernel mapping a fresh 16 MB batch tensor page by page. "
         f"Now {now:.2f} ms: the batch buffer is reused once the consumer hands it back (batch_buffers.recycle; in a "
         f"worker it is the same shared-memory file each time), and each chunk's checksum runs on a helper thread while "
-        f"the next chunk is read (numpy releases the GIL); every read is still verified before the batch is returned. "
+        f"the next chunk is read (numpy releases the GIL; the last one of a batch on the calling thread); every read is still verified before the batch is returned. "
         f"With workers two more costs went: torch sent every shared tensor of a batch (image and four small fields) by "
         f"passing a file descriptor over a new socket to the worker's resource-sharer thread, ~25 ms to an epoch's first "
         f"batch; now a batch crosses as a WireBatch (the buffer once, then by (pid, serial); small fields by value). And "

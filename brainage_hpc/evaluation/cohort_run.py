@@ -14,13 +14,14 @@ USR1 into exit 3 (requeue wanted) and the others into 128 + signum (no requeue).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -309,8 +310,9 @@ def score_scans(
                 bar.write(f"brainage predict: error: {error}", file=sys.stderr)
             else:
                 outcome.scored += 1
-        writer.append(records)
-        done.update(it["index"] for it in batch)
+        with _sigchld_deferred():  # written and marked done together, or neither
+            writer.append(records)
+            done.update(it["index"] for it in batch)
         bar.update(len(batch))
         if outcome.failed:
             bar.set_postfix(failed=outcome.failed, refresh=False)
@@ -357,6 +359,29 @@ def score_scans(
     outcome.stopped_by = stop.signum
     outcome.elapsed_s = time.perf_counter() - started
     return outcome
+
+
+@contextlib.contextmanager
+def _sigchld_deferred() -> Iterator[None]:
+    """Run the block with SIGCHLD's Python handler held back, then run it if the signal came meanwhile.
+
+    torch's DataLoader turns a dead worker into a RuntimeError raised by its SIGCHLD handler, at
+    whatever line the main thread is on. Between writing a batch's records and marking them done it
+    made the retry score that batch a second time (seen: scans recorded twice in the part file).
+    Python handlers always run in the main thread, so swapping the handler there is exact.
+    """
+    fired: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGCHLD, lambda signum, frame: fired.append(signum))
+    except ValueError:  # not the main thread: no handler of torch's can interrupt us here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+        if fired and callable(previous):
+            previous(signal.SIGCHLD, None)
 
 
 def _key_of(scan: ScanRecord) -> list[Any]:

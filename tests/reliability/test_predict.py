@@ -110,6 +110,46 @@ def test_T5_a_scan_that_kills_its_worker_is_that_scans_error(tmp_path, tiny_mode
     assert sorted(r["file"] for r in recs) == sorted(map(str, files))  # each scan recorded exactly once
 
 
+def test_T5_a_worker_dying_while_a_batch_is_written_scores_that_batch_once(tmp_path, tiny_model, synth_subjects,
+                                                                            monkeypatch, capsys):
+    """torch raises a dead worker's error from its SIGCHLD handler wherever the main process is: here right after
+    the first batch's records were written. The retry must not score that batch again."""
+    import os
+    import signal
+    import time
+
+    import brainage_hpc.evaluation.scan_input as scan_input
+    from brainage_hpc.evaluation.parts import PartWriter, parts_dir_for, read_records
+
+    files = make_scans(tmp_path / "in", 6, synth_subjects)
+    real_prepare, real_append = scan_input.prepare_scan, PartWriter.append
+    dying = tmp_path / "dying"
+
+    def deadly_prepare(path, pcfg):
+        if str(path) == str(files[3]):
+            dying.write_text("x")
+            os.kill(os.getpid(), signal.SIGKILL)  # the second worker, while the main process writes batch 1
+        return real_prepare(path, pcfg)
+
+    def slow_append(self, records):
+        real_append(self, records)
+        if not dying.exists():  # first batch: wait here until the other worker has died
+            deadline = time.monotonic() + 120
+            while not dying.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)  # SIGCHLD arrives now, after the records are on disk
+
+    monkeypatch.setattr(scan_input, "prepare_scan", deadly_prepare)
+    monkeypatch.setattr(PartWriter, "append", slow_append)
+    out = tmp_path / "pred.csv"
+    rc = main(["predict", "--checkpoint", str(tiny_model), "--input", *map(str, files), "--out", str(out),
+               "--workers", "2", "--batch-size", "2", "--no-progress"])
+    assert rc == 1 and "Traceback" not in capsys.readouterr().err and dying.exists()
+    recs = [r for p in parts_dir_for(out).glob("part-*.jsonl") for r in read_records(p)[0] if r["kind"] == "scan"]
+    assert sorted(r["file"] for r in recs) == sorted(map(str, files))  # each scan recorded exactly once
+    assert pd.read_csv(out)["pred_age"].notna().tolist() == [True, True, True, False, True, True]
+
+
 def _implausible_volumes(folder: Path, synth_subjects: Path) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
