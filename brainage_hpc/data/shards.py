@@ -5,6 +5,7 @@ Layout of an output folder::
     shard-00000.h5      image (N, 1, D, H, W) float16, one volume per chunk, HDF5
                         fletcher32 filter (a checksum per chunk, verified on read);
                         image_fletcher32 (N,) uint32, each chunk's checksum as written;
+                        image_xxh3 (N,) uint64, each volume's XXH3-64 as written;
                         subject_id (utf-8 str), age float32 (NaN: only the bin is known),
                         age_bin int8, sex int8 (0 F, 1 M); attrs format_version,
                         package_version, orientation ("RAS"), shape, voxel_mm, affine,
@@ -19,12 +20,14 @@ Layout of an output folder::
 Shards are written to ``<name>.tmp`` and renamed, with ``track_times=False`` and a
 fixed ``libver``, so the same input gives byte-identical files.
 
-Integrity at read time: every volume :class:`ShardReader` returns has passed its
-chunk's Fletcher-32 checksum, and that checksum matches the one recorded when the
-shard was written (``image_fletcher32``), so flipped bytes on disk *and* a volume
-rewritten through h5py are both refused with a one-line :class:`ShardError` naming
-the shard and the subject. Shards written before the checksum existed are read
-unverified after one warning (``brainage verify`` still checks their sha256).
+Integrity at read time: every volume :class:`ShardReader` returns matches the
+XXH3-64 recorded when the shard was written (``image_xxh3``); in shards from before
+that record, its chunk's Fletcher-32 checksum passes and matches the one recorded at
+write time (``image_fletcher32``). Flipped bytes on disk *and* a volume rewritten
+through h5py are both refused with a one-line :class:`ShardError` naming the shard
+and the subject (a mismatch is told apart as damaged or rewritten with the chunk's
+Fletcher-32). Shards written before any checksum existed are read unverified after
+one warning (``brainage verify`` still checks their sha256).
 Checks of a whole shard set live in :mod:`brainage_hpc.data.shard_checks`.
 """
 
@@ -43,7 +46,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from brainage_hpc.data.checksum import CHECKSUM_BYTES, fletcher32, fletcher32_equal, stored_fletcher32
+from brainage_hpc.data.checksum import CHECKSUM_BYTES, fletcher32, fletcher32_equal, stored_fletcher32, xxh3
 
 __all__ = [
     "FAILURES_NAME",
@@ -52,6 +55,7 @@ __all__ = [
     "MANIFEST_NAME",
     "Manifest",
     "CHECKSUMS_NAME",
+    "DIGESTS_NAME",
     "ShardError",
     "ShardMismatchError",
     "ShardReader",
@@ -67,6 +71,7 @@ MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.csv"
 LIBVER = ("earliest", "v110")
 CHECKSUMS_NAME = "image_fletcher32"  # (N,) uint32: each image chunk's fletcher32 as written
+DIGESTS_NAME = "image_xxh3"  # (N,) uint64: each volume's XXH3-64 (float16 little-endian bytes) as written
 
 
 
@@ -217,18 +222,21 @@ class _OpenShard:
     direct: bool  # one uncompressed volume per chunk: read_direct_chunk, checksum verified here
     checksum: bool  # the fletcher32 filter is on
     expected: np.ndarray | None  # (N,) uint32 checksums as written; None: shard from before they existed
+    digests: np.ndarray | None  # (N,) uint64 XXH3-64 of each volume as written; None: shard from before them
     volume_bytes: int
     fd: int | None = None  # our own descriptor of the file, for direct chunk reads with os.preadv
     chunks: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # index -> (byte offset, size, filter mask)
 
 
 class PendingCheck(NamedTuple):
-    """A chunk's Fletcher-32, computing on the reader's helper thread, and the value stored with the chunk."""
+    """A volume's checksum computing on the reader's helper thread: XXH3-64 when the shard records it, else the
+    chunk's Fletcher-32 (``stored``: the Fletcher-32 stored with the chunk; ``payload``: the volume's bytes)."""
 
     result: Future
     shard: int
     index: int
     stored: int
+    payload: np.ndarray
 
 
 class ShardReader:
@@ -243,8 +251,8 @@ class ShardReader:
 
     Uncompressed shards are read chunk by chunk with ``os.preadv`` at the chunk's
     offset in the file (no HDF5 type conversion, no fresh allocation, the GIL
-    released) and the Fletcher-32 of each chunk is verified here; compressed ones go through
-    HDF5's filters, which verify it.
+    released) and each volume is verified here (XXH3-64, or Fletcher-32 in older shards);
+    compressed ones go through HDF5's filters, which verify the Fletcher-32, and then the XXH3-64.
 
     Args:
         root: shard folder (or its ``manifest.json``).
@@ -309,7 +317,11 @@ class ShardReader:
                 and sys.byteorder == "little"
             )
             expected = np.asarray(f[CHECKSUMS_NAME][()], dtype=np.uint32) if CHECKSUMS_NAME in f else None
-            opened = _OpenShard(shard, path, f, img, direct, bool(img.fletcher32), expected, 2 * math.prod(shape),
+            digests = np.asarray(f[DIGESTS_NAME][()], dtype=np.uint64) if DIGESTS_NAME in f else None
+            for name, rec in ((CHECKSUMS_NAME, expected), (DIGESTS_NAME, digests)):
+                if rec is not None and rec.shape != img.shape[:1]:
+                    raise ValueError(f"{name} holds {rec.shape} values for {img.shape[0]} volumes")
+            opened = _OpenShard(shard, path, f, img, direct, bool(img.fletcher32), expected, digests, 2 * math.prod(shape),
                                 os.open(path, os.O_RDONLY) if direct else None)
         except ShardError:
             f.close()
@@ -338,11 +350,10 @@ class ShardReader:
                 the volume lands in its first bytes, and the 4 bytes after it may be
                 overwritten (the chunk's checksum). Fill a batch slot by slot, in order.
             checks: with ``padded`` and a volume of at least :attr:`defer_checks_from_bytes`,
-                defer the Fletcher-32 pass: it runs on a helper
-                thread (numpy releases the GIL) while the caller reads the next chunk,
-                and is appended here; :meth:`finish_checks` must follow before the
-                data is used (it also compares the stored checksum with the one
-                recorded at write time, after the damage check, as the inline path does).
+                defer the checksum pass: it runs on a helper thread (xxhash and numpy
+                release the GIL) while the caller reads the next chunk, and is appended
+                here; :meth:`finish_checks` must follow before the data is used (it
+                gives the same verdicts as the inline path).
 
         Raises:
             ShardError: the shard cannot be read, or the volume is damaged or was rewritten.
@@ -363,8 +374,10 @@ class ShardReader:
             else:
                 out = flat[: o.volume_bytes].view(np.float16)
                 o.image.read_direct(out.reshape(o.image.shape[1:]), source_sel=np.s_[index])
-                if o.expected is not None:  # HDF5 verified the data; was it rewritten since?
+                if o.checksum and o.expected is not None:  # HDF5 verified the chunk; was it rewritten since?
                     self._check_expected(o, index, stored_fletcher32(o.image.id.read_direct_chunk((index, 0, 0, 0, 0))[1]))
+                if o.digests is not None and xxh3(out) != int(o.digests[index]):
+                    raise self._damaged(o, index)
         except ShardError:
             raise
         except (OSError, KeyError, ValueError, RuntimeError) as exc:
@@ -432,15 +445,30 @@ class ShardReader:
                 raise ShardError(o.path, f"subject {self.subject_at(o.shard, index)} (volume {index}): the file ends "
                                          f"inside the chunk (truncated); {self._fix}")
             got += n
-        if o.checksum:
-            stored = stored_fletcher32(buf)  # now: reading the next slot overwrites it
+        if o.checksum or o.digests is not None:
+            stored = stored_fletcher32(buf) if o.checksum else 0  # now: reading the next slot overwrites it
+            payload = buf[: o.volume_bytes]
+            verify = xxh3 if o.digests is not None else fletcher32
             if checks is not None and o.volume_bytes >= self.defer_checks_from_bytes:
-                checks.append(PendingCheck(self._helper().submit(fletcher32, buf[: o.volume_bytes]), o.shard, index, stored))
+                checks.append(PendingCheck(self._helper().submit(verify, payload), o.shard, index, stored, payload))
                 return buf
-            if not fletcher32_equal(fletcher32(buf[: o.volume_bytes]), stored):
-                raise self._damaged(o, index)
-            self._check_expected(o, index, stored)
+            self._verdict(o, index, verify(payload), stored, payload)
         return buf
+
+    def _verdict(self, o: _OpenShard, index: int, computed: int, stored: int, payload: np.ndarray) -> None:
+        """Raise if volume ``index`` (``computed``: its XXH3-64 when the shard records them, else its Fletcher-32) is
+        damaged or was rewritten; a digest mismatch is told apart with the chunk's Fletcher-32."""
+        if o.digests is not None:
+            if computed == int(o.digests[index]):
+                if o.checksum and o.expected is not None and not fletcher32_equal(stored, int(o.expected[index])):
+                    raise self._damaged(o, index)  # intact volume, damaged chunk checksum: HDF5 itself would refuse it
+                return
+            if o.checksum and fletcher32_equal(fletcher32(payload), stored):
+                self._check_expected(o, index, stored)  # a valid chunk unlike the one written: rewritten through h5py
+            raise self._damaged(o, index)
+        if not fletcher32_equal(computed, stored):
+            raise self._damaged(o, index)
+        self._check_expected(o, index, stored)
 
     def _damaged(self, o: _OpenShard, index: int) -> ShardError:
         return ShardError(o.path, f"subject {self.subject_at(o.shard, index)} (volume {index}): checksum mismatch, "
@@ -448,7 +476,7 @@ class ShardReader:
 
     def _helper(self) -> ThreadPoolExecutor:
         if self._checker is None:
-            self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fletcher32")
+            self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checksum")
         return self._checker
 
     def finish_checks(self, checks: list[PendingCheck]) -> None:
@@ -463,14 +491,10 @@ class ShardReader:
             computed = check.result.result()
             if first is not None:
                 continue  # wait for every pass: the buffer may be reused once this returns
-            o = self._files[check.shard]
-            if not fletcher32_equal(computed, check.stored):
-                first = self._damaged(o, check.index)
-            else:
-                try:
-                    self._check_expected(o, check.index, check.stored)
-                except ShardError as exc:
-                    first = exc
+            try:
+                self._verdict(self._files[check.shard], check.index, computed, check.stored, check.payload)
+            except ShardError as exc:
+                first = exc
         checks.clear()
         if first is not None:
             raise first

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from brainage_hpc import __version__
-from brainage_hpc.data.checksum import fletcher32, fletcher32_equal, stored_fletcher32
-from brainage_hpc.data.shards import CHECKSUMS_NAME, FORMAT_VERSION, LIBVER, sha256_file, shard_name
+from brainage_hpc.data.checksum import fletcher32, fletcher32_equal, stored_fletcher32, xxh3
+from brainage_hpc.data.shards import CHECKSUMS_NAME, DIGESTS_NAME, FORMAT_VERSION, LIBVER, sha256_file, shard_name
 
 __all__ = ["atomic_write_text", "read_partial", "write_failures", "write_json", "write_partial", "write_shard"]
 
@@ -62,7 +62,9 @@ def write_shard(
     by HDF5 on every filtered read and by :class:`~brainage_hpc.data.shards.ShardReader`
     on its direct reads), and ``image_fletcher32`` records those checksums as
     written, so a volume rewritten later through h5py (which recomputes the chunk
-    checksum) is refused too.
+    checksum) is refused too. ``image_xxh3`` records each volume's XXH3-64 (of the
+    float16 volume as given), which the direct read path verifies instead (faster,
+    and it sees the 0x0000 <-> 0xFFFF word changes Fletcher-32 cannot).
 
     Args:
         path: final ``shard-XXXXX.h5`` path.
@@ -104,6 +106,8 @@ def write_shard(
             f["image"][i] = images[i]
         f.flush()
         f.create_dataset(CHECKSUMS_NAME, data=_chunk_checksums(f["image"], n), dtype=np.uint32, track_times=False)
+        digests = np.array([xxh3(np.ascontiguousarray(images[i], dtype="<f2")) for i in range(n)], dtype=np.uint64)
+        f.create_dataset(DIGESTS_NAME, data=digests, dtype=np.uint64, track_times=False)
         f.create_dataset(
             "subject_id",
             data=np.array([str(s["id"]) for s in subjects], dtype=object),

@@ -3,7 +3,8 @@
 T1  corrupt header / truncated shard / manifest shape edited -> one line naming the shard, exit 1.
 S3  random finite values over a train subject's volume -> `train` stops with a line naming shard and subject.
 Item 4: the per-volume checksum is verified on every read (direct and HDF5-filter paths); old shards
-without it are read after exactly one warning.
+without it are read after exactly one warning. Issue 17: the XXH3-64 record (image_xxh3) catches what Fletcher-32
+cannot; without the record, Fletcher-32 still verifies.
 """
 
 from __future__ import annotations
@@ -232,6 +233,107 @@ def test_item4_two_damaged_volumes_in_a_batch_report_the_first_read(shards: Path
     with pytest.raises(ShardError, match=rf"subject {ds.subject_ids[3]} .*checksum mismatch"):
         ds.read_batch([1, 2, 4, 3])  # the last one alone: the inline check
     assert ds.buffer_pool.allocated == 1, "a failed batch's buffer was not handed back"
+
+
+def _zero_word_span(path: Path, index: int) -> int:
+    """File offset of a 16-bit word of volume ``index`` that holds +0.0 (0x0000)."""
+    with h5py.File(path, "r") as f:
+        vol = f["image"][index].reshape(-1)
+    zeros = np.flatnonzero(vol.view(np.uint16) == 0)
+    assert zeros.size, "the test volume has no +0.0 voxel"
+    offset, _ = _chunk_span(path, index)
+    return offset + 2 * int(zeros[zeros.size // 2])
+
+
+@pytest.mark.parametrize("path", ["inline", "helper_thread"])
+def test_item4_a_zero_turned_into_nan_is_caught(shards: Path, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fletcher-32 (modulo 65535) cannot tell the words 0x0000 and 0xFFFF apart: a +0.0 voxel turned into a NaN passes
+    it. The XXH3-64 recorded at write time refuses it, inline and on the helper thread."""
+    from brainage_hpc.data.checksum import fletcher32, fletcher32_equal, stored_fletcher32
+
+    root = shards
+    if path == "helper_thread":
+        monkeypatch.setattr(ShardReader, "defer_checks_from_bytes", 0)
+    ds = ShardDataset(root, "train")
+    k, index = int(ds._shard[1]), int(ds._index[1])
+    shard = root / shard_name(k)
+    pos = _zero_word_span(shard, index)
+    with open(shard, "r+b") as fh:
+        fh.seek(pos)
+        assert fh.read(2) == b"\x00\x00"
+        fh.seek(pos)
+        fh.write(b"\xff\xff")
+    offset, size = _chunk_span(shard, index)
+    with open(shard, "rb") as fh:
+        fh.seek(offset)
+        chunk = np.frombuffer(fh.read(size), dtype=np.uint8)
+    assert fletcher32_equal(fletcher32(chunk[:-4]), stored_fletcher32(chunk)), "Fletcher-32 saw it: the test proves nothing"
+    ds = ShardDataset(root, "train")
+    damaged = rf"{shard_name(k)}: subject {ds.subject_ids[1]} \(volume {index}\): checksum mismatch, the volume is damaged"
+    with pytest.raises(ShardError, match=damaged):
+        ds.read_batch([0, 1, 2])
+    with pytest.raises(ShardError, match=damaged):
+        ShardReader(root).read(ds.subject_ids[1])
+
+
+def test_item4_xxh3_is_checked_after_the_hdf5_filter_path(tmp_path: Path) -> None:
+    """A compressed shard goes through HDF5's filters (Fletcher-32); a volume rewritten through h5py *and* given its new
+    chunk checksum in image_fletcher32 passes both, and only the XXH3-64 record refuses it."""
+    from brainage_hpc.data.checksum import stored_fletcher32
+    from brainage_hpc.data.shards import CHECKSUMS_NAME
+
+    root = tmp_path / "lzf"
+    root.mkdir()
+    images = np.random.default_rng(3).uniform(0.5, 1.5, (2, 1, 8, 9, 7)).astype(np.float16)
+    subjects = [{"id": f"10000{i}", "age": 25.0, "age_bin": 1, "sex": i} for i in range(2)]
+    sha = write_shard(root / shard_name(0), images, subjects, voxel_mm=4.0, affine=np.eye(4), preprocess={},
+                      preprocess_hash="h", compression="lzf")
+    write_json(root / MANIFEST_NAME, {
+        "format_version": 1, "shape": [8, 9, 7], "voxel_mm": 4.0, "affine": np.eye(4).tolist(), "preprocess": {},
+        "preprocess_hash": "h", "shards": [{"file": shard_name(0), "sha256": sha, "n": 2}],
+        "subjects": {s["id"]: {"shard": 0, "index": i, "age": 25.0, "age_bin": 1, "sex": s["sex"]}
+                     for i, s in enumerate(subjects)},
+        "splits": {"train": [s["id"] for s in subjects]},
+    })
+    np.testing.assert_array_equal(ShardReader(root).read("100001"), images[1])
+    with h5py.File(root / shard_name(0), "r+") as f:
+        f["image"][1] = _random_finite(images.shape[1:])
+        f[CHECKSUMS_NAME][1] = stored_fletcher32(f["image"].id.read_direct_chunk((1, 0, 0, 0, 0))[1])
+    with pytest.raises(ShardError, match=r"shard-00000.h5: subject 100001 \(volume 1\): checksum mismatch"):
+        ShardReader(root).read("100001")
+    np.testing.assert_array_equal(ShardReader(root).read("100000"), images[0])
+
+
+def test_item4_a_damaged_digest_record_is_refused_not_trusted(shards: Path) -> None:
+    """A changed value in image_xxh3 (the record, not the volume) is a damaged volume, never a silent pass; a record
+    of the wrong length is a damaged HDF5 structure; without the record, Fletcher-32 still verifies every read."""
+    from brainage_hpc.data.shards import DIGESTS_NAME
+
+    ds = ShardDataset(shards, "train")
+    k, index = int(ds._shard[1]), int(ds._index[1])
+    shard = shards / shard_name(k)
+    with h5py.File(shard, "r+") as f:
+        f[DIGESTS_NAME][index] = np.uint64(int(f[DIGESTS_NAME][index]) ^ 1)
+    with pytest.raises(ShardError, match=rf"subject {ds.subject_ids[1]} \(volume {index}\): checksum mismatch"):
+        ShardDataset(shards, "train").read_batch([0, 1])
+    with h5py.File(shard, "r+") as f:
+        n = f[DIGESTS_NAME].shape[0]
+        del f[DIGESTS_NAME]
+        f.create_dataset(DIGESTS_NAME, data=np.zeros(n - 1, dtype=np.uint64))
+    with pytest.raises(ShardError, match=rf"{shard_name(k)}: damaged HDF5 structure \(image_xxh3 holds"):
+        ShardDataset(shards, "train").read_batch([1])
+    with h5py.File(shard, "r+") as f:
+        del f[DIGESTS_NAME]
+    np.testing.assert_array_equal(ShardDataset(shards, "train").read_batch([1])["image"][0].numpy(),
+                                  ShardReader(shards).read(ds.subject_ids[1]))
+    offset, size = _chunk_span(shard, index)
+    with open(shard, "r+b") as fh:  # Fletcher-32 sees an ordinary flip
+        fh.seek(offset + size // 3)
+        byte = fh.read(1)
+        fh.seek(offset + size // 3)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(ShardError, match=rf"subject {ds.subject_ids[1]} \(volume {index}\): checksum mismatch"):
+        ShardDataset(shards, "train").read_batch([0, 1])
 
 
 def test_item4_a_shard_truncated_while_open_is_one_line(shards: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import xxhash
 
 from brainage_hpc.cli import main
 from brainage_hpc.data.shard_checks import verify_shards
@@ -98,6 +99,9 @@ def test_write_is_deterministic_and_readable(tmp_path: Path, compression: str):
         assert f.attrs["format_version"] == 1 and tuple(f.attrs["shape"]) == SHAPE
         assert f.attrs["preprocess_hash"] == "abc" and json.loads(f.attrs["preprocess"]) == {"shape": list(SHAPE)}
         np.testing.assert_array_equal(f["image"][()], _images(3, 0))
+        # each volume's XXH3-64 as written, checked against the xxhash library directly
+        assert f["image_xxh3"].dtype == np.uint64 and f["image_xxh3"].shape == (3,)
+        assert [int(v) for v in f["image_xxh3"][()]] == [xxhash.xxh3_64_intdigest(v.tobytes()) for v in _images(3, 0)]
 
 
 def test_write_rejects_bad_input(tmp_path: Path):
