@@ -277,8 +277,9 @@ def test_item4_a_zero_turned_into_nan_is_caught(shards: Path, path: str, monkeyp
 
 
 def test_item4_xxh3_is_checked_after_the_hdf5_filter_path(tmp_path: Path) -> None:
-    """A compressed shard goes through HDF5's filters (Fletcher-32); a volume rewritten through h5py *and* given its new
-    chunk checksum in image_fletcher32 passes both, and only the XXH3-64 record refuses it."""
+    """A compressed shard goes through HDF5's filters (Fletcher-32); a volume rewritten through h5py is told apart as
+    rewritten; given its new chunk checksum in image_fletcher32 too, it passes both, and only the XXH3-64 record
+    refuses it."""
     from brainage_hpc.data.checksum import stored_fletcher32
     from brainage_hpc.data.shards import CHECKSUMS_NAME
 
@@ -298,6 +299,9 @@ def test_item4_xxh3_is_checked_after_the_hdf5_filter_path(tmp_path: Path) -> Non
     np.testing.assert_array_equal(ShardReader(root).read("100001"), images[1])
     with h5py.File(root / shard_name(0), "r+") as f:
         f["image"][1] = _random_finite(images.shape[1:])
+    with pytest.raises(ShardError, match=r"subject 100001 \(volume 1\): the volume was rewritten after preprocessing"):
+        ShardReader(root).read("100001")  # the digest mismatch, told apart with the recorded chunk checksum
+    with h5py.File(root / shard_name(0), "r+") as f:
         f[CHECKSUMS_NAME][1] = stored_fletcher32(f["image"].id.read_direct_chunk((1, 0, 0, 0, 0))[1])
     with pytest.raises(ShardError, match=r"shard-00000.h5: subject 100001 \(volume 1\): checksum mismatch"):
         ShardReader(root).read("100001")
