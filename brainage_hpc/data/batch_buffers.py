@@ -109,8 +109,10 @@ def buffer_id(tensor: torch.Tensor) -> tuple[int, int] | None:
     The same pair for two batches means the second reused the first's memory (tests, debugging).
     """
     tail = _pool_trailer(tensor)
-    if tail is None:
-        return None
+    return None if tail is None else _owner_serial(tail)
+
+
+def _owner_serial(tail: np.ndarray) -> tuple[int, int]:
     return int(tail[12:16].view(np.uint32)[0]), int(tail[16:24].view(np.uint64)[0])
 
 
@@ -205,9 +207,8 @@ def to_wire(batch: dict[str, Any]) -> dict[str, Any] | WireBatch:
         return batch  # an unpooled buffer is never reused: not worth a lasting mapping
     assert isinstance(image, torch.Tensor)
     fields = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "image"}
-    key = (int(tail[12:16].view(np.uint32)[0]), int(tail[16:24].view(np.uint64)[0]))
     storage = None if tail[_MAPPED] else image.untyped_storage()
-    return WireBatch(key, storage, tuple(image.shape), image.dtype, fields)
+    return WireBatch(_owner_serial(tail), storage, tuple(image.shape), image.dtype, fields)
 
 
 class MappedBuffers:

@@ -151,7 +151,7 @@ class _LeasedBatches(Sampler[list[Any]]):
         return len(self.batches)
 
     def __iter__(self) -> Iterator[list[Any]]:
-        return self._tagged((self.token, self.iteration))
+        return self._tagged((self.token, self.iteration))  # read now, when the iteration starts, not at the first batch
 
     def _tagged(self, lease: tuple[int, int]) -> Iterator[list[Any]]:
         for keys in self.batches:
