@@ -72,6 +72,29 @@ def _random_finite(shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(7).uniform(-3, 3, size=shape).astype(np.float16)
 
 
+def _flip_byte(path: Path, pos: int, mask: int) -> None:
+    """XOR the byte at ``pos`` of ``path`` with ``mask``, in place."""
+    with open(path, "r+b") as fh:
+        fh.seek(pos)
+        byte = fh.read(1)
+        fh.seek(pos)
+        fh.write(bytes([byte[0] ^ mask]))
+
+
+def _one_shard_set(root: Path, images: np.ndarray, compression: str) -> None:
+    """``root``: one shard of ``images`` (N, 1, 8, 9, 7), subjects 100000.., and its manifest, all in ``train``."""
+    root.mkdir()
+    subjects = [{"id": f"10000{i}", "age": 25.0, "age_bin": 1, "sex": i % 2} for i in range(len(images))]
+    sha = write_shard(root / shard_name(0), images, subjects, voxel_mm=4.0, affine=np.eye(4), preprocess={},
+                      preprocess_hash="h", compression=compression)
+    write_json(root / MANIFEST_NAME, {
+        "format_version": 1, "shape": [8, 9, 7], "voxel_mm": 4.0, "affine": np.eye(4).tolist(), "preprocess": {},
+        "preprocess_hash": "h", "shards": [{"file": shard_name(0), "sha256": sha, "n": len(images)}],
+        "subjects": {s["id"]: {"shard": 0, "index": i, "age": 25.0, "age_bin": 1, "sex": s["sex"]} for i, s in enumerate(subjects)},
+        "splits": {"train": [s["id"] for s in subjects]},
+    })
+
+
 @pytest.mark.parametrize("damage", ["corrupt_header", "truncated", "manifest_shape"])
 def test_T1_broken_shard_is_one_line_naming_it(shards: Path, tmp_path: Path, capsys, damage: str) -> None:
     m = load_manifest(shards)
@@ -125,26 +148,13 @@ def test_S3_train_refuses_a_damaged_train_volume(shards: Path, tmp_path: Path, c
 def test_item4_checksum_checked_on_every_read(tmp_path: Path, compression: str) -> None:
     """Direct chunk reads (uncompressed) and HDF5's filter path (compressed) both refuse a flipped byte."""
     root = tmp_path / "s"
-    root.mkdir()
     images = np.random.default_rng(1).standard_normal((3, 1, 8, 9, 7)).astype(np.float16)
-    subjects = [{"id": f"10000{i}", "age": 25.0, "age_bin": 1, "sex": i % 2} for i in range(3)]
-    sha = write_shard(root / shard_name(0), images, subjects, voxel_mm=4.0, affine=np.eye(4), preprocess={},
-                      preprocess_hash="h", compression=compression)
-    write_json(root / MANIFEST_NAME, {
-        "format_version": 1, "shape": [8, 9, 7], "voxel_mm": 4.0, "affine": np.eye(4).tolist(), "preprocess": {},
-        "preprocess_hash": "h", "shards": [{"file": shard_name(0), "sha256": sha, "n": 3}],
-        "subjects": {s["id"]: {"shard": 0, "index": i, "age": 25.0, "age_bin": 1, "sex": s["sex"]} for i, s in enumerate(subjects)},
-        "splits": {"train": [s["id"] for s in subjects]},
-    })
+    _one_shard_set(root, images, compression)
     reader = ShardReader(root)
     np.testing.assert_array_equal(reader.read("100001"), images[1])  # verified read of the intact volume
     reader.close()
     offset, size = _chunk_span(root / shard_name(0), 1)
-    with open(root / shard_name(0), "r+b") as fh:
-        fh.seek(offset + size // 3)
-        byte = fh.read(1)
-        fh.seek(offset + size // 3)
-        fh.write(bytes([byte[0] ^ 0x10]))
+    _flip_byte(root / shard_name(0), offset + size // 3, 0x10)
     reader = ShardReader(root)
     with pytest.raises(ShardError, match=r"shard-00000.h5: subject 100001 \(volume 1\): checksum mismatch"):
         reader.read("100001")
@@ -193,11 +203,7 @@ def test_item4_batch_reads_verify_on_the_helper_thread(shards: Path, where: str,
     k, index = int(ds._shard[1]), int(ds._index[1])
     offset, size = _chunk_span(shards / shard_name(k), index)
     pos = offset + size // 2 if where == "payload" else offset + size - 2  # the last 4 bytes hold the checksum
-    with open(shards / shard_name(k), "r+b") as fh:
-        fh.seek(pos)
-        byte = fh.read(1)
-        fh.seek(pos)
-        fh.write(bytes([byte[0] ^ 0x01]))
+    _flip_byte(shards / shard_name(k), pos, 0x01)
     ds = ShardDataset(shards, "train")
     ds.buffer_pool = BufferPool()
     with pytest.raises(ShardError, match=rf"{shard_name(k)}: subject {ds.subject_ids[1]} \(volume {index}\): checksum mismatch"):
@@ -220,11 +226,7 @@ def test_item4_two_damaged_volumes_in_a_batch_report_the_first_read(shards: Path
     for i in (0, 3):
         k, index = int(ds._shard[i]), int(ds._index[i])
         offset, size = _chunk_span(shards / shard_name(k), index)
-        with open(shards / shard_name(k), "r+b") as fh:
-            fh.seek(offset + size // 3)
-            byte = fh.read(1)
-            fh.seek(offset + size // 3)
-            fh.write(bytes([byte[0] ^ 0x10]))
+        _flip_byte(shards / shard_name(k), offset + size // 3, 0x10)
     ds = ShardDataset(shards, "train")
     ds.buffer_pool = BufferPool()
     first = rf"subject {ds.subject_ids[0]} \(volume {int(ds._index[0])}\): checksum mismatch"
@@ -284,18 +286,8 @@ def test_item4_xxh3_is_checked_after_the_hdf5_filter_path(tmp_path: Path) -> Non
     from brainage_hpc.data.shards import CHECKSUMS_NAME
 
     root = tmp_path / "lzf"
-    root.mkdir()
     images = np.random.default_rng(3).uniform(0.5, 1.5, (2, 1, 8, 9, 7)).astype(np.float16)
-    subjects = [{"id": f"10000{i}", "age": 25.0, "age_bin": 1, "sex": i} for i in range(2)]
-    sha = write_shard(root / shard_name(0), images, subjects, voxel_mm=4.0, affine=np.eye(4), preprocess={},
-                      preprocess_hash="h", compression="lzf")
-    write_json(root / MANIFEST_NAME, {
-        "format_version": 1, "shape": [8, 9, 7], "voxel_mm": 4.0, "affine": np.eye(4).tolist(), "preprocess": {},
-        "preprocess_hash": "h", "shards": [{"file": shard_name(0), "sha256": sha, "n": 2}],
-        "subjects": {s["id"]: {"shard": 0, "index": i, "age": 25.0, "age_bin": 1, "sex": s["sex"]}
-                     for i, s in enumerate(subjects)},
-        "splits": {"train": [s["id"] for s in subjects]},
-    })
+    _one_shard_set(root, images, "lzf")
     np.testing.assert_array_equal(ShardReader(root).read("100001"), images[1])
     with h5py.File(root / shard_name(0), "r+") as f:
         f["image"][1] = _random_finite(images.shape[1:])
@@ -331,11 +323,7 @@ def test_item4_a_damaged_digest_record_is_refused_not_trusted(shards: Path) -> N
     np.testing.assert_array_equal(ShardDataset(shards, "train").read_batch([1])["image"][0].numpy(),
                                   ShardReader(shards).read(ds.subject_ids[1]))
     offset, size = _chunk_span(shard, index)
-    with open(shard, "r+b") as fh:  # Fletcher-32 sees an ordinary flip
-        fh.seek(offset + size // 3)
-        byte = fh.read(1)
-        fh.seek(offset + size // 3)
-        fh.write(bytes([byte[0] ^ 0x10]))
+    _flip_byte(shard, offset + size // 3, 0x10)  # Fletcher-32 sees an ordinary flip
     with pytest.raises(ShardError, match=rf"subject {ds.subject_ids[1]} \(volume {index}\): checksum mismatch"):
         ShardDataset(shards, "train").read_batch([0, 1])
 
